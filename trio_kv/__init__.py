@@ -1,0 +1,1 @@
+"""trio-kv: a sharded, replicated, causally consistent key-value store."""
