@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import select
 import signal
@@ -87,6 +88,20 @@ class Delayer:
         self.sock.bind((0, 0))
         self.seq = 0
         self.pending: collections.deque[tuple[float, int]] = collections.deque()
+        self.stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM/SIGINT end :meth:`run` promptly, releasing held packets instead of dropping."""
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def handler(_sig: int, _frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
 
     def _send(self, msg_type: int, attrs: bytes, ack: bool = False) -> None:
         self.seq += 1
@@ -155,18 +170,19 @@ class Delayer:
             self._accept_upto(last)
 
     def run(self, stop_after: float | None = None) -> None:
-        """Serve until killed (or ``stop_after`` seconds), releasing packets on time."""
+        """Serve until stopped (or ``stop_after`` seconds), releasing packets on time."""
         end = None if stop_after is None else time.monotonic() + stop_after
-        while end is None or time.monotonic() < end:
+        while not self.stopping and (end is None or time.monotonic() < end):
             timeout = 1.0
             if self.pending:
                 timeout = max(0.0, self.pending[0][0] - time.monotonic())
-            readable, _, _ = select.select([self.sock], [], [], timeout)
-            if readable:
+            readable, _, _ = select.select([self.sock, self._wake_r], [], [], timeout)
+            if self.sock in readable:
                 self._receive()
             self._release_due()
-        for _, packet_id in self.pending:
-            self._accept_upto(packet_id)
+        if self.pending:  # let held packets go rather than have the kernel drop them
+            self._accept_upto(self.pending[-1][1])
+            self.pending.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,12 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--queue", type=int, required=True)
     parser.add_argument("--ms", type=float, required=True)
+    parser.add_argument("--pidfile", help="write our pid here once bound (for containers)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     delayer = Delayer(args.queue, args.ms / 1000.0)
+    delayer.stop_on_signals()
     delayer.bind()
-    print(f"delayer: queue {args.queue}, {args.ms} ms", flush=True)
+    if args.pidfile:
+        with open(args.pidfile + ".tmp", "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(args.pidfile + ".tmp", args.pidfile)
+    print(f"delayer: queue {args.queue}, {args.ms:g} ms, bound", flush=True)
     delayer.run()
+    if args.pidfile:
+        with contextlib.suppress(OSError):
+            os.unlink(args.pidfile)
     return 0
 
 

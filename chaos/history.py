@@ -40,6 +40,7 @@ deletes; they just see a little less.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -211,7 +212,7 @@ def _find_cycle(nodes: Iterable[int], succ: Mapping[int, set[int]]) -> list[int]
                 path.pop()
                 continue
             if color.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return [*path[path.index(nxt):], nxt]
             if not color.get(nxt):
                 color[nxt] = 1
                 path.append(nxt)
@@ -342,7 +343,7 @@ def check(history: Iterable[Op], final: Mapping[str, str | None] | None = None) 
         if _topo_order(by_id, succ) is None:
             cycle = _find_cycle(sorted(by_id), succ)
             parts = []
-            for a, b in zip(cycle, cycle[1:], strict=False):
+            for a, b in itertools.pairwise(cycle):
                 if (a, b) in why and b not in graph.succ.get(a, set()):
                     via = why[(a, b)]
                     via_s = "final state" if via == FINAL else f"#{via}"
