@@ -1,0 +1,137 @@
+"""Loopback traffic accounting and partitions with iptables (needs root; all on 127.0.0.1).
+
+Byte counters: one chain hooked into OUTPUT counts, per node port, the bytes of packets sent
+to it (`--dport`) and from it (`--sport`). On loopback every packet crosses OUTPUT exactly
+once, and every node-to-node exchange is a client socket talking to some node's server port,
+so the sum over all node ports is the cluster's whole traffic, counted once. Bytes are IP-level
+(payload plus TCP/IP headers, ~52 bytes per packet), i.e. what the wire would carry.
+
+Partitions: each node runs with its own group id (procs.GID_BASE + id), so a rule
+`-m owner --gid-owner <A> --dport <B's port> -j DROP` cuts A's requests to B and nothing else;
+the harness's own client (gid 0) still reaches every node. Dropped, not rejected: a partition
+looks like silence, as it would on a real network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from procs import Proc
+
+CHAIN = "TRIOKV_BENCH"
+PART = "TRIOKV_PART"
+
+
+def available() -> tuple[bool, str]:
+    """Whether iptables accounting/partitions can be used here, and why not."""
+    if os.geteuid() != 0:
+        return False, "not root"
+    if not shutil.which("iptables"):
+        return False, "iptables not installed"
+    r = subprocess.run(["iptables", "-L", "OUTPUT", "-n"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return False, f"iptables unusable: {r.stderr.strip()[:200]}"
+    return True, ""
+
+
+def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True, timeout=30)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"iptables {' '.join(args)}: {r.stderr.strip()}")
+    return r
+
+
+def _ensure_chain(chain: str) -> None:
+    if _ipt("-n", "-L", chain, check=False).returncode != 0:
+        _ipt("-N", chain)
+    if _ipt("-C", "OUTPUT", "-j", chain, check=False).returncode != 0:
+        _ipt("-I", "OUTPUT", "1", "-j", chain)
+
+
+def _drop_chain(chain: str) -> None:
+    while _ipt("-D", "OUTPUT", "-j", chain, check=False).returncode == 0:
+        pass
+    _ipt("-F", chain, check=False)
+    _ipt("-X", chain, check=False)
+
+
+class ByteCounter:
+    """Per-port byte counters for a set of node ports."""
+
+    def __init__(self, nodes: list[Proc]) -> None:
+        self.ports = {p.name: p.port for p in nodes}
+        _drop_chain(CHAIN)
+        _ensure_chain(CHAIN)
+        for port in self.ports.values():
+            _ipt("-A", CHAIN, "-o", "lo", "-p", "tcp", "--dport", str(port))
+            _ipt("-A", CHAIN, "-o", "lo", "-p", "tcp", "--sport", str(port))
+
+    def read(self) -> dict[str, int]:
+        """Bytes so far per node name (to its port plus from its port)."""
+        out = _ipt("-n", "-v", "-x", "-L", CHAIN).stdout
+        by_port: dict[int, int] = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) < 3 or not parts[0].isdigit():
+                continue
+            nbytes = int(parts[1])
+            for tok in parts:
+                if tok.startswith(("dpt:", "spt:")):
+                    port = int(tok[4:])
+                    by_port[port] = by_port.get(port, 0) + nbytes
+        return {name: by_port.get(port, 0) for name, port in self.ports.items()}
+
+    def close(self) -> None:
+        _drop_chain(CHAIN)
+
+
+class Partition:
+    """Cut traffic between two groups of nodes in both directions (loopback, by gid owner)."""
+
+    def __init__(self) -> None:
+        _drop_chain(PART)
+        _ensure_chain(PART)
+
+    def cut(self, side_a: list[Proc], side_b: list[Proc]) -> None:
+        for a in side_a:
+            for b in side_b:
+                for src, dst in ((a, b), (b, a)):
+                    if src.gid is None:
+                        raise RuntimeError("nodes were not started with their own gid")
+                    _ipt(
+                        "-A",
+                        PART,
+                        "-o",
+                        "lo",
+                        "-p",
+                        "tcp",
+                        "-m",
+                        "owner",
+                        "--gid-owner",
+                        str(src.gid),
+                        "--dport",
+                        str(dst.port),
+                        "-j",
+                        "DROP",
+                    )
+
+    def heal(self) -> None:
+        _ipt("-F", PART)
+
+    def dropped_packets(self) -> int:
+        out = _ipt("-n", "-v", "-x", "-L", PART).stdout
+        return sum(
+            int(ln.split()[0]) for ln in out.splitlines() if ln.split() and ln.split()[0].isdigit()
+        )
+
+    def close(self) -> None:
+        _drop_chain(PART)
+
+
+def cleanup() -> None:
+    """Remove both chains (atexit); harmless when they do not exist."""
+    if os.geteuid() == 0 and shutil.which("iptables"):
+        _drop_chain(CHAIN)
+        _drop_chain(PART)

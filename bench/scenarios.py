@@ -1,0 +1,591 @@
+"""The scenarios of issue 5, each bounded in requests and time, each adding rows to the table.
+
+Every scenario starts its own processes and stops them in `finally`; a failing scenario adds
+a FAILED row and the suite goes on, so one broken feature never hides the other figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import netctl
+import procs
+import wrk
+from cluster import Cluster, Settings, try_get
+from httpc import Conn, HTTPError, data_path, put_many
+from report import Row, ms, nbytes, pct, rps
+
+MIXES = {"GET": "0", "50/50": "50", "PUT": "100"}
+VALUE_100B = "x" * 100
+
+
+@dataclass
+class Ctx:
+    """Everything a scenario needs: settings, knobs, and where its figures go."""
+
+    settings: Settings
+    out: Path
+    quick: bool
+    duration: float
+    conns: int
+    log: Callable[[str], None]
+    rows: list[Row] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    ceiling: dict[str, wrk.WrkResult] = field(default_factory=dict)
+    single: dict[str, wrk.WrkResult] = field(default_factory=dict)
+    profile: bool = False
+    ceiling_proc: procs.Proc | None = None
+
+    def row(self, *args: Any, **kw: Any) -> None:
+        r = Row(*args, **kw)
+        self.rows.append(r)
+        self.log(f"  {r.section} | {r.case} | {r.result} | {r.ratio} | {r.target} {r.mark}")
+
+
+def keyset(prefix: str, lo: int, hi: int, value: str = VALUE_100B) -> list[tuple[str, str]]:
+    return [(f"{prefix}{i}", value) for i in range(lo, hi)]
+
+
+async def preload(
+    ctx: Ctx, nodes: list[procs.Proc], items: list[tuple[str, str]], concurrency: int = 8
+) -> float:
+    """PUT items through `nodes` (spread); raises if any PUT failed. Returns seconds."""
+    if not items:
+        return 0.0
+    budget = 60.0 + len(items) / 200.0  # generous, but bounded
+    res = await put_many([p.addr for p in nodes], items, concurrency, budget_s=budget)
+    ctx.log(
+        f"    preload {len(items):,} keys via {len(nodes)} node(s): {res.seconds:.1f}s "
+        f"({res.ok / max(res.seconds, 1e-9):,.0f}/s), failed {res.failed}"
+    )
+    if res.failed:
+        raise RuntimeError(f"preload: {res.failed} PUTs failed, e.g. {res.errors[:2]}")
+    return res.seconds
+
+
+def _lat_ok(r: wrk.WrkResult) -> tuple[str, bool]:
+    ratio = r.p99_ms / r.p50_ms if r.p50_ms else float("inf")
+    return f"p99/p50 {ratio:.1f}", ratio <= 3.0
+
+
+NOISE = 0.2  # cores busy outside this benchmark during a run: re-run (bounded) above it
+
+
+def _load_row(
+    ctx: Ctx,
+    section: str,
+    case: str,
+    r: wrk.WrkResult,
+    base: wrk.WrkResult | None,
+    base_name: str,
+    target: float | None,
+) -> None:
+    bad = r.errors + r.non2xx
+    cpu = " ".join(f"{n}:{c:.0%}" for n, c in r.server_cpu.items() if c >= 0.01)
+    res = f"{rps(r.rps)}  p50 {ms(r.p50_ms)} p99 {ms(r.p99_ms)}  wrk {r.wrk_cpu:.0%} {cpu}"
+    if r.other_cpu >= 0.05:
+        res += f"  other {r.other_cpu:.0%}" + (" NOISY" if r.other_cpu > NOISE else "")
+    if bad:
+        res += f"  ERR {bad}"
+    lat, lat_ok = _lat_ok(r)
+    ratio = f"{r.rps / base.rps:.2f}x {base_name}" if base and base.rps else ""
+    tgt, ok = "", None
+    if target is not None and base is not None:
+        tgt = f">= {target:.2f}x; p99 <= 3x p50"
+        ok = r.rps / base.rps >= target and lat_ok and not bad
+    else:
+        tgt = "p99 <= 3x p50"
+        ok = lat_ok and not bad
+    ctx.row(section, case, res, f"{ratio}  {lat}".strip(), tgt, ok)
+
+
+async def drive(
+    ctx: Ctx,
+    target: procs.Proc,
+    servers: list[procs.Proc],
+    mix: str,
+    nkeys: int,
+    meta: bool,
+    prefix: str = "k",
+    retries: int = 2,
+) -> wrk.WrkResult:
+    """One wrk run; re-run at most `retries` times while other processes ate > NOISE cores
+    (engineers share this machine), keeping the least disturbed run."""
+    args = {
+        "keys": str(nkeys),
+        "prefix": prefix,
+        "put": MIXES[mix],
+        "vsize": "100",
+        "meta": "1" if meta else "0",
+        "seed": str(random.randrange(1 << 20)),
+    }
+    best = await wrk.run(target, ctx.duration, ctx.conns, args, servers=servers)
+    for _ in range(retries):
+        if best.other_cpu <= NOISE:
+            break
+        ctx.log(f"    other processes used {best.other_cpu:.0%} of a core: re-running")
+        await asyncio.sleep(1.0)
+        r = await wrk.run(target, ctx.duration, ctx.conns, args, servers=servers)
+        if r.other_cpu < best.other_cpu:
+            best = r
+    return best
+
+
+# ---------------------------------------------------------------- 0. the bare stack ceiling
+
+
+async def ceiling(ctx: Ctx) -> None:
+    """Same routes as a node, no logic: the most hypercorn-trio-starlette can do here.
+
+    The process stays up (idle) for the whole run, so single_node can re-measure it right
+    before each node run and compare the pair measured under the same conditions.
+    """
+    port = procs.free_ports(1)[0]
+    p = procs.start_ceiling(port, ctx.settings.python, ctx.settings.logdir)
+    ctx.ceiling_proc = p
+    await procs.wait_ready([p])
+    await preload(ctx, [p], keyset("k", 0, 1000))
+    await wrk.run(p, 1, ctx.conns, {"keys": "1000"}, servers=[p])  # warm-up
+    for mix in MIXES:
+        r = await drive(ctx, p, [p], mix, 1000, False)
+        ctx.ceiling[mix] = r
+        _load_row(ctx, "0 ceiling", f"bare stack {mix}", r, None, "", None)
+    ctx.data["ceiling"] = {m: r.as_dict() for m, r in ctx.ceiling.items()}
+
+
+# ---------------------------------------------------------------- 1. throughput and latency
+
+
+async def single_node(ctx: Ctx) -> None:
+    """One node, one shard, vs the ceiling measured just before it (GET >= 85%, PUT >= 75%)."""
+    c = await Cluster.start(ctx.settings, 1)
+    try:
+        await c.set_view(c.layout(1, 1))
+        await preload(ctx, c.nodes, keyset("k", 0, 1000))
+        await wrk.run(c.nodes[0], 1, ctx.conns, {"keys": "1000"}, servers=c.nodes)
+        targets = {"GET": 0.85, "PUT": 0.75, "50/50": None}
+        rows: dict[str, Any] = {}
+        cp = ctx.ceiling_proc
+        for mix in MIXES:
+            base = ctx.ceiling.get(mix)
+            if cp is not None and cp.alive():
+                base = await drive(ctx, cp, [cp], mix, 1000, False)
+                rows[f"ceiling {mix}"] = base.as_dict()
+            r = await drive(ctx, c.nodes[0], c.nodes, mix, 1000, False)
+            ctx.single[mix] = r
+            rows[mix] = r.as_dict()
+            if base is not None and base is not ctx.ceiling.get(mix):
+                _load_row(ctx, "1 throughput", f"ceiling {mix} (paired)", base, None, "", None)
+            _load_row(ctx, "1 throughput", f"1x1 1k keys {mix}", r, base, "ceiling", targets[mix])
+        ctx.data["single"] = rows
+        if ctx.profile:
+            await profile_node(ctx, c)
+    finally:
+        c.stop()
+
+
+async def topology(ctx: Ctx, shards: int, replicas: int) -> None:
+    """The load matrix on one topology; wrk drives n1, the other nodes replicate/own keys."""
+    c = await Cluster.start(ctx.settings, shards * replicas)
+    name = f"{shards}x{replicas}"
+    results: list[dict[str, Any]] = []
+    try:
+        await c.set_view(c.layout(shards, replicas))
+        target = c.nodes[0]
+        have = 0
+        key_counts = [1000] if ctx.quick else [1000, 10000]
+        for nkeys in key_counts:
+            await preload(ctx, c.nodes, keyset("k", have, nkeys))
+            have = nkeys
+            await asyncio.sleep(0.5)  # let replication of the preload drain
+            await wrk.run(target, 1, ctx.conns, {"keys": str(nkeys)}, servers=c.nodes)
+            for meta in (False, True):
+                for mix in MIXES:
+                    r = await drive(ctx, target, c.nodes, mix, nkeys, meta)
+                    case = f"{name} {nkeys // 1000}k keys {mix}{' +meta' if meta else ''}"
+                    base, bname, tgt = ctx.ceiling.get(mix), "ceiling", None
+                    if name == "1x3" and mix == "PUT" and "PUT" in ctx.single:
+                        base, bname, tgt = ctx.single["PUT"], "1 node", 0.70
+                    _load_row(ctx, "1 throughput", case, r, base, bname, tgt)
+                    results.append(
+                        {"topology": name, "keys": nkeys, "meta": meta, "mix": mix, **r.as_dict()}
+                    )
+                    if mix == "PUT":
+                        await asyncio.sleep(0.5)  # drain replication before the next run
+        if shards > 1:
+            await forwarding(ctx, c)
+            await metadata_growth(ctx, c)
+    finally:
+        ctx.data.setdefault("throughput", []).extend(results)
+        c.stop()
+
+
+# ---------------------------------------------------------------- 2. forwarding
+
+
+async def forwarding(ctx: Ctx, c: Cluster) -> None:
+    """Low load (one connection): GET of keys n1 owns vs keys another shard owns."""
+    owners = await c.key_owners()
+    mine = next(s for s, ms_ in c.view.items() if c.nodes[0] in ms_)
+    local = sorted(k for k, s in owners.items() if s == mine and k.startswith("k"))[:1000]
+    remote = sorted(k for k, s in owners.items() if s != mine and k.startswith("k"))[:1000]
+    if not local or not remote:
+        raise RuntimeError(f"forwarding: {len(local)} local and {len(remote)} remote keys")
+    res = {}
+    dur = max(2.0, ctx.duration * 0.6)
+    for kind, keys in (("owner", local), ("non-owner", remote)):
+        kf = wrk.write_keyfile(ctx.out / f"keys-{kind}.txt", keys)
+        res[kind] = await wrk.run(c.nodes[0], dur, 1, {"keyfile": kf, "put": "0"}, servers=c.nodes)
+    lo, fw = res["owner"], res["non-owner"]
+    for kind, r in res.items():
+        ctx.row(
+            "2 forwarding",
+            f"GET at 1 conn, key on {kind}",
+            f"p50 {ms(r.p50_ms)} p99 {ms(r.p99_ms)} mean {ms(r.mean_ms)} ({rps(r.rps)})"
+            + (f" ERR {r.errors + r.non2xx}" if r.errors + r.non2xx else ""),
+        )
+    ratio = fw.p50_ms / lo.p50_ms if lo.p50_ms else float("inf")
+    ctx.row(
+        "2 forwarding",
+        "forwarded / local latency (p50)",
+        f"{ratio:.2f}x",
+        f"mean {fw.mean_ms / lo.mean_ms:.2f}x",
+        "<= 2x",
+        ratio <= 2.0,
+    )
+    ctx.data["forwarding"] = {k: r.as_dict() for k, r in res.items()}
+
+
+# ---------------------------------------------------------------- 3. metadata size
+
+
+async def metadata_growth(ctx: Ctx, c: Cluster) -> None:
+    """One session writes distinct keys in sequence (spread over all shards) through n1."""
+    checkpoints = [10, 100, 1000] if ctx.quick else [10, 100, 1000, 10000]
+    host, port = c.nodes[0].addr.rsplit(":", 1)
+    conn = Conn(host, int(port))
+    meta: Any = {}
+    sizes: dict[int, int] = {}
+    t0 = time.monotonic()
+    deadline = t0 + (30 if ctx.quick else 90)
+    n = 0
+    try:
+        for n in range(1, checkpoints[-1] + 1):
+            body = {"value": f"m{n}", "causal-metadata": meta}
+            r = await conn.request("PUT", data_path(f"meta-{n}"), body, timeout=30)
+            if r.status != 200:
+                raise RuntimeError(f"metadata PUT #{n}: {r.status} {r.body[:200]!r}")
+            meta = r.json().get("causal-metadata", {})
+            if n in checkpoints:
+                sizes[n] = len(json.dumps(meta, separators=(",", ":")))
+            if time.monotonic() > deadline:
+                break
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(1.0)
+        r = await conn.request(
+            "GET", data_path("meta-1"), headers={"X-Causal-Metadata": json.dumps(meta)}, timeout=30
+        )
+        settled = len(json.dumps(r.json().get("causal-metadata", {}), separators=(",", ":")))
+    finally:
+        conn.close()
+    for k, size in sizes.items():
+        last = k == checkpoints[-1]
+        ctx.row(
+            "3 metadata",
+            f"after {k:,} writes by one session",
+            nbytes(size),
+            "",
+            "<= 1 KB" if last else "",
+            (size <= 1024) if last else None,
+        )
+    if n < checkpoints[-1]:
+        ctx.row("3 metadata", f"stopped at {n:,} writes (time bound)", "", "", "", False)
+    ctx.row(
+        "3 metadata",
+        "1 s later, on the next read",
+        nbytes(settled),
+        f"{n / elapsed:,.0f} seq writes/s",
+    )
+    ctx.data["metadata"] = {
+        "sizes": sizes,
+        "after_settle": settled,
+        "writes": n,
+        "seconds": elapsed,
+        "sample": json.dumps(meta)[:400],
+    }
+
+
+# ---------------------------------------------------------------- 4 + 7. idle gossip, memory
+
+
+async def _converged(c: Cluster, prefix: str, n: int, budget: float) -> float:
+    """Wait until every node answers 200 for a sample of the n keys; returns seconds waited."""
+    if n == 0:
+        return 0.0
+    sample = {n - 1, 0, *random.sample(range(n), min(n, 30))}
+    t0 = time.monotonic()
+    pending = [(p, i) for p in c.nodes for i in sample]
+    while pending and time.monotonic() - t0 < budget:
+        still = []
+        for p, i in pending:
+            r = await try_get(p.addr, data_path(f"{prefix}{i}"))
+            if r is None or r.status != 200:
+                still.append((p, i))
+        pending = still
+        if pending:
+            await asyncio.sleep(0.2)
+    if pending:
+        raise RuntimeError(f"replicas did not converge on {len(pending)} sampled keys")
+    return time.monotonic() - t0
+
+
+async def idle_and_memory(ctx: Ctx) -> None:
+    """1x3 cluster; grow to 0/1k/10k/100k keys; idle bytes/s per node and RSS at each step."""
+    ok, why = netctl.available()
+    counts = [0, 1000, 10000] if ctx.quick else [0, 1000, 10000, 100000]
+    window = 2.0 if ctx.quick else 4.0
+    c = await Cluster.start(ctx.settings, 3)
+    counter = netctl.ByteCounter(c.nodes) if ok else None
+    steps: list[dict[str, Any]] = []
+    try:
+        await c.set_view(c.layout(1, 3))
+        have = 0
+        for n in counts:
+            await preload(ctx, c.nodes, keyset("ae", have, n), concurrency=12)
+            have = n
+            waited = await _converged(c, "ae", n, budget=60)
+            await asyncio.sleep(1.0)
+            rss = {p.name: p.rss_kb() for p in c.nodes}
+            step: dict[str, Any] = {"keys": n, "converge_wait_s": waited, "rss_kb": rss}
+            if counter:
+                b0, t0 = counter.read(), time.monotonic()
+                cpu0 = {p.name: p.cpu_s() for p in c.nodes}
+                await asyncio.sleep(window)
+                b1, dt = counter.read(), time.monotonic() - t0
+                cpu = {p.name: (p.cpu_s() - cpu0[p.name]) / dt for p in c.nodes}
+                per = {k: (b1[k] - b0[k]) / dt for k in b1}
+                per_node = sum(per.values()) / len(per)
+                step.update({"bytes_per_s": per, "per_node_bytes_per_s": per_node, "idle_cpu": cpu})
+                ctx.row(
+                    "4 idle gossip",
+                    f"1x3, {n:,} keys",
+                    f"{nbytes(per_node)}/s per node",
+                    f"idle cpu {max(cpu.values()):.1%}",
+                    "<= 2 KB/s",
+                    per_node <= 2048,
+                )
+            steps.append(step)
+        if not counter:
+            ctx.row("4 idle gossip", "skipped", f"no byte counters: {why}", "", "", None)
+        _memory_rows(ctx, steps)
+    finally:
+        ctx.data["idle_and_memory"] = steps
+        if counter:
+            counter.close()
+        c.stop()
+
+
+def _memory_rows(ctx: Ctx, steps: list[dict[str, Any]]) -> None:
+    for s in steps:
+        avg = sum(s["rss_kb"].values()) / len(s["rss_kb"])
+        ctx.row(
+            "7 memory",
+            f"RSS with {s['keys']:,} keys (100 B values)",
+            f"{avg / 1024:.1f} MiB per node (avg of 3)",
+        )
+    big = [s for s in steps if s["keys"] >= 10000]
+    if len(big) >= 1:
+        lo = max((s for s in steps if s["keys"] < big[-1]["keys"]), key=lambda s: s["keys"])
+        hi = big[-1]
+        dk = (hi["keys"] - lo["keys"]) / 10000
+        growth = {n: (hi["rss_kb"][n] - lo["rss_kb"][n]) / dk for n in hi["rss_kb"]}
+        avg = sum(growth.values()) / len(growth)
+        ctx.row(
+            "7 memory",
+            f"RSS growth per 10,000 keys ({lo['keys']:,} -> {hi['keys']:,})",
+            f"{avg / 1024:.2f} MiB",
+            f"{avg * 1024 / 10000:.0f} B/key",
+        )
+        ctx.data["memory_per_10k_kb"] = growth
+
+
+# ---------------------------------------------------------------- 5. convergence after heal
+
+
+async def convergence(ctx: Ctx) -> None:
+    """1x3: cut n1 from n2,n3; write D keys to n1; heal; time until n2 and n3 have all D."""
+    ok, why = netctl.available()
+    if not ok:
+        ctx.row("5 convergence", "skipped", f"no partitions: {why}")
+        return
+    sizes = [100] if ctx.quick else [100, 5000]
+    c = await Cluster.start(ctx.settings, 3)
+    part = netctl.Partition()
+    out: list[dict[str, Any]] = []
+    try:
+        await c.set_view(c.layout(1, 3))
+        a, others = c.nodes[0], c.nodes[1:]
+        for d in sizes:
+            prefix = f"cv{d}-"
+            part.cut([a], others)
+            await asyncio.sleep(0.3)
+            await preload(ctx, [a], keyset(prefix, 0, d, "y" * 20), concurrency=8)
+            await asyncio.sleep(0.5)
+            leaked = 0
+            for p in others:
+                r = await try_get(p.addr, data_path(f"{prefix}{d - 1}"), 2.0)
+                leaked += r is not None and r.status == 200
+            dropped = part.dropped_packets()
+            t0 = time.monotonic()
+            part.heal()
+            secs, missing = await _wait_all(c, others, prefix, d, budget=30.0)
+            ok_ = missing == 0
+            target = d == 5000
+            res = (
+                f"{secs:.2f} s" if ok_ else f"not converged after {secs:.0f} s ({missing} missing)"
+            )
+            note = f"{dropped} pkts dropped" + (
+                f"; {leaked} replicas saw keys early" if leaked else ""
+            )
+            ctx.row(
+                "5 convergence",
+                f"heal -> all 3 replicas have {d:,} keys",
+                res,
+                note,
+                "<= 2 s" if target else "",
+                (ok_ and secs <= 2.0) if target else None,
+            )
+            out.append(
+                {
+                    "keys": d,
+                    "seconds": secs,
+                    "missing": missing,
+                    "dropped": dropped,
+                    "leaked": leaked,
+                    "heal_at": t0,
+                }
+            )
+            await asyncio.sleep(0.5)
+    finally:
+        ctx.data["convergence"] = out
+        part.close()
+        c.stop()
+
+
+async def _wait_all(
+    c: Cluster, nodes: list[procs.Proc], prefix: str, d: int, budget: float
+) -> tuple[float, int]:
+    """Poll until every node's GET /data holds all d keys; cheap sample probes first."""
+    t0 = time.monotonic()
+    want = {f"{prefix}{i}" for i in range(d)}
+    probe = [f"{prefix}{i}" for i in random.sample(range(d), min(d, 10))] + [f"{prefix}{d - 1}"]
+    pending = list(nodes)
+    missing = d
+    while pending and time.monotonic() - t0 < budget:
+        for p in list(pending):
+            rs = await asyncio.gather(*(try_get(p.addr, data_path(k), 2.0) for k in probe))
+            if not all(r is not None and r.status == 200 for r in rs):
+                continue
+            try:
+                items = await c.items(p, timeout=10)
+            except (RuntimeError, HTTPError):
+                continue
+            missing = len(want - items.keys())
+            if missing == 0:
+                pending.remove(p)
+        if pending:
+            await asyncio.sleep(0.02)
+    return time.monotonic() - t0, (missing if pending else 0)
+
+
+# ---------------------------------------------------------------- 6. resharding
+
+
+async def resharding(ctx: Ctx, replicas: int = 1) -> None:
+    """2 -> 4 shards: time until every PUT /view answered, fraction moved, keys lost."""
+    sizes = [2000] if ctx.quick else [2000, 20000]
+    out: list[dict[str, Any]] = []
+    for k in sizes:
+        c = await Cluster.start(ctx.settings, 4 * replicas)
+        try:
+            v1 = c.layout(2, replicas)
+            await c.set_view(v1)
+            items = [(f"rs{k}-{i}", f"val-{i}") for i in range(k)]
+            await preload(ctx, [p for ps in v1.values() for p in ps], items, concurrency=12)
+            await asyncio.sleep(0.5 if replicas == 1 else 2.0)
+            before = await c.key_owners()
+            v2 = c.layout(4, replicas)
+            t0 = time.monotonic()
+            answered = await c.set_view(v2, targets=c.nodes, timeout=120)
+            secs = time.monotonic() - t0
+            after: dict[str, str] = {}
+            values: dict[str, str] = {}
+            dup = 0
+            for name, members in v2.items():
+                got = await c.items(members[0])
+                for key, val in got.items():
+                    if key in after:
+                        dup += 1
+                    after[key] = name
+                    values[key] = val
+            expect = dict(items)
+            lost = sum(1 for key, val in expect.items() if values.get(key) != val)
+            moved = sum(1 for key in expect if key in after and before.get(key) != after[key])
+            frac = moved / k
+            ctx.row(
+                "6 resharding",
+                f"2 -> 4 shards (x{replicas}), {k:,} keys",
+                f"{secs:.2f} s, moved {pct(frac)} (ideal 50%), lost {lost}"
+                + (f", {dup} on two shards" if dup else ""),
+                f"missing before {k - len(before)}",
+                "<= 10 s, lost 0" if k >= 20000 else "lost 0",
+                lost == 0 and (secs <= 10.0 if k >= 20000 else True),
+            )
+            out.append(
+                {
+                    "keys": k,
+                    "replicas": replicas,
+                    "seconds": secs,
+                    "answered": answered,
+                    "moved_fraction": frac,
+                    "lost": lost,
+                    "duplicates": dup,
+                    "missing_before": k - len(before),
+                }
+            )
+        finally:
+            c.stop()
+    ctx.data["resharding"] = out
+
+
+# ---------------------------------------------------------------- profiling (--profile)
+
+
+async def profile_node(ctx: Ctx, c: Cluster) -> None:
+    """py-spy on the single node under the GET and the PUT load: raw stacks + flame graph."""
+    import profiling
+
+    node = c.nodes[0]
+    ctx.data["profile"] = {}
+    for mix in ("GET", "PUT"):
+        prof = await profiling.record(
+            node.pid,
+            ctx.out / f"profile-{mix.lower()}",
+            ctx.duration + 1,
+            drive(ctx, node, c.nodes, mix, 1000, False),
+        )
+        ctx.data["profile"][mix] = prof
+        for fn, share in prof["self"][:8]:
+            ctx.row("8 profile", f"{mix} self", fn, pct(share))
+        for mod, share in prof["by_package"][:6]:
+            ctx.row("8 profile", f"{mix} by package", mod, pct(share))
+
+
+Scenario = Callable[[Ctx], Awaitable[None]]
