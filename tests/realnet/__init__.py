@@ -1,0 +1,1 @@
+"""Real-network tier: chaos scenarios over namespaces and containers."""

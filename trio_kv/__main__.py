@@ -1,0 +1,27 @@
+"""``python -m trio_kv`` / ``trio-kv``: run one node until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .config import load_config
+from .node import serve
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s node{config.node_id} %(name)s %(levelname)s %(message)s",
+    )
+    if config.node_id is None:
+        sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
+    trio.run(serve, config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Peer messages and the one JSON codec.
+
+Messages are frozen dataclasses; ``to_wire``/``from_wire`` are the only place that knows
+their JSON shape, and ``from_wire`` validates, so a malformed peer message is a clean error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .clock import Version
+from .metadata import Deps, deps_from_wire, deps_to_wire
+from .store import Entry
+
+
+class WireError(ValueError):
+    """A peer message does not have the expected shape."""
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def entry_to_wire(key: str, e: Entry) -> list[Any]:
+    return [key, e.value, e.version.hlc, e.version.node, deps_to_wire(e.deps) if e.deps else None]
+
+
+def entry_from_wire(raw: Any, source: str) -> tuple[str, Entry]:
+    try:
+        key, value, hlc, node, deps = raw
+        if not isinstance(key, str) or not (value is None or isinstance(value, str)):
+            raise TypeError
+        parsed: Deps = deps_from_wire(deps) if deps else {}
+        return key, Entry(Version(int(hlc), int(node)), value, parsed, source=source)
+    except (TypeError, ValueError) as exc:
+        raise WireError("malformed entry") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SyncBatch:
+    """One push of a replica's stream: entries after ``after`` up to and including ``upto``,
+    plus the sender's whole version vector (so the receiver learns how far the sender has
+    seen *its* stream: one message carries both directions of the summary)."""
+
+    sender: int
+    origin: str
+    view_id: str
+    after: int
+    upto: int
+    entries: list[tuple[str, Entry]]
+    seen: dict[str, int]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "sender": self.sender,
+            "origin": self.origin,
+            "view_id": self.view_id,
+            "after": self.after,
+            "upto": self.upto,
+            "entries": [entry_to_wire(k, e) for k, e in self.entries],
+            "seen": self.seen,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SyncBatch:
+        try:
+            origin = str(raw["origin"])
+            return cls(
+                sender=int(raw["sender"]),
+                origin=origin,
+                view_id=str(raw["view_id"]),
+                after=int(raw["after"]),
+                upto=int(raw["upto"]),
+                entries=[entry_from_wire(e, origin) for e in raw["entries"]],
+                seen={str(k): int(v) for k, v in raw["seen"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WireError("malformed sync batch") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReply:
+    origin: str
+    view_id: str
+    seen: int  # how far the replier has merged the sender's stream
+    accepted: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"origin": self.origin, "view_id": self.view_id, "seen": self.seen,
+                "accepted": self.accepted}
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SyncReply:
+        try:
+            return cls(str(raw["origin"]), str(raw["view_id"]), int(raw["seen"]),
+                       bool(raw["accepted"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError("malformed sync reply") from exc
+
+
+def entries_to_wire(entries: list[tuple[str, Entry]]) -> list[list[Any]]:
+    return [entry_to_wire(k, e) for k, e in entries]
+
+
+def entries_from_wire(raw: Any) -> list[tuple[str, Entry]]:
+    if not isinstance(raw, list):
+        raise WireError("entries must be a list")
+    return [entry_from_wire(e, "") for e in raw]

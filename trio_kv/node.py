@@ -1,0 +1,504 @@
+"""The trio shell around a ``Replica``: one nursery per node.
+
+It supervises the HTTP server, one replication sender per peer, the view-change coordinator
+and the forwarding pool.  It moves bytes and time only; every decision is the replica's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import trio
+
+from .config import Config
+from .messages import (
+    SyncBatch,
+    SyncReply,
+    WireError,
+    dumps,
+    entries_from_wire,
+    entries_to_wire,
+)
+from .metadata import Deps, render_metadata
+from .replica import Replica, ReplicaLimits
+from .transport import ClientFactory, PeerClient, PeerUnavailable, real_client
+from .view import Member, View, ViewError, parse_view, pull_sources
+
+log = logging.getLogger("trio_kv.node")
+
+HOPS_HEADER = "x-kv-hops"
+BUDGET_HEADER = "x-kv-budget"
+
+
+@dataclass(slots=True)
+class Reply:
+    """A data answer: JSON payload, or a forwarded peer's raw body passed through unchanged."""
+
+    status: int
+    payload: dict[str, Any] | None = None
+    raw: bytes | None = None
+
+
+def error(status: int, message: str, deps: Deps | None = None, **extra: Any) -> Reply:
+    body: dict[str, Any] = {"error": message, **extra}
+    if deps is not None:
+        body["causal-metadata"] = render_metadata(deps)
+    return Reply(status, body)
+
+
+@dataclass
+class ChangeProgress:
+    """What the current (or last) view change did; shown by ``GET /view``."""
+
+    state: str = "idle"  # idle | changing | pending (done, but some handoffs not acknowledged)
+    view_id: str = ""
+    keys_sent: int = 0
+    bytes_sent: int = 0
+    keys_received: int = 0
+    bytes_received: int = 0
+    keys_remaining: int = 0
+    peers_pending: list[int] = field(default_factory=list)
+    pulls_pending: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _ViewRequest:
+    view: View
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        client_factory: ClientFactory = real_client,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        if config.node_id is None:
+            raise ValueError("a node needs an id (--id or NODE_IDENTIFIER)")
+        self.config = config
+        self.node_id = config.node_id
+        self.wall_ms = wall_ms
+        incarnation = f"{time.time_ns():x}{random.getrandbits(16):04x}"
+        self.replica = Replica(
+            config.node_id,
+            f"{config.node_id}.{incarnation}",
+            ReplicaLimits(config.batch_entries, config.batch_bytes),
+        )
+        keepalive = config.client_keepalive_expiry
+        # Replication has at most one call in flight per peer; forwarding is bounded by its own
+        # limiter.  Separate clients keep one pool's bookkeeping from slowing the other.
+        self.sync_client = PeerClient(
+            client_factory, 8, config.connect_timeout, keepalive, config.cluster_secret
+        )
+        self.forward_client = PeerClient(
+            client_factory, config.forward_concurrency, config.connect_timeout, keepalive,
+            config.cluster_secret,
+        )
+        self.epoch = 0
+        self.progress = ChangeProgress()
+        self._changed = trio.Event()  # replaced on every data change: wakes readers, senders
+        self._ready = trio.Event()  # set while no view change is in progress
+        self._ready.set()
+        self._view_installed = trio.Event()
+        self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
+        self._pending_pulls: dict[int, Member] = {}
+        self.started = trio.Event()
+
+    # ================================================================ services
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Replication and view-change services; runs until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._gossip_supervisor)
+                nursery.start_soon(self._coordinator)
+                self.started.set()
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.sync_client.aclose()
+                await self.forward_client.aclose()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_for(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """Sleep on data-change events until ``ready()`` or the deadline (no polling)."""
+        while True:
+            event = self._changed
+            if ready():
+                return True
+            with trio.move_on_at(deadline) as scope:
+                await event.wait()
+            if scope.cancelled_caught:
+                return ready()
+
+    # ================================================================ replication
+    async def _gossip_supervisor(self) -> None:
+        while True:
+            installed = self._view_installed
+            async with trio.open_nursery() as nursery:
+                for peer in self.replica.peers:
+                    nursery.start_soon(self._sender, peer)
+                await installed.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _sender(self, peer: Member) -> None:
+        """Push our stream to one peer: at once on news, else a heartbeat now and then."""
+        cfg = self.config
+        while True:
+            news = self._changed
+            batch = self.replica.batch_for(peer.id)
+            if batch is None:
+                return
+            try:
+                raw = await self.sync_client.post_json(
+                    peer.address, "/internal/sync", batch.to_wire(), cfg.peer_timeout
+                )
+                reply = SyncReply.from_wire(raw)
+            except (PeerUnavailable, WireError) as exc:
+                log.debug("sync to %s failed: %s", peer.id, exc)
+                await trio.sleep(cfg.gossip_interval * random.uniform(0.5, 1.5))
+                continue
+            self.replica.on_sync_reply(peer.id, reply)
+            if not reply.accepted:
+                await trio.sleep(cfg.gossip_interval * random.uniform(0.5, 1.5))
+                continue
+            if self.replica.has_news_for(peer.id) and batch.upto > batch.after:
+                continue
+            with trio.move_on_after(cfg.heartbeat_interval * random.uniform(0.8, 1.2)):
+                await news.wait()
+
+    def on_sync(self, raw: Any) -> dict[str, Any]:
+        batch = SyncBatch.from_wire(raw)
+        reply, changed = self.replica.on_sync(batch)
+        if changed:
+            self._notify()
+        return reply.to_wire()
+
+    # ================================================================ data requests
+    async def data(
+        self,
+        method: str,
+        key: str | None,
+        deps: Deps,
+        value: str | None = None,
+        hops: int = 0,
+        budget: float | None = None,
+    ) -> Reply:
+        """Serve or forward one client data request (``key`` None means ``GET /data``)."""
+        cfg = self.config
+        wait = cfg.wait_deadline if budget is None else max(0.0, min(budget, cfg.wait_deadline))
+        deadline = trio.current_time() + wait
+        if not self._ready.is_set():
+            with trio.move_on_at(deadline):
+                await self._ready.wait()
+            if not self._ready.is_set():
+                return error(503, "view change in progress; try again", deps)
+        replica = self.replica
+        if replica.view is None:
+            return error(503, "no view has been set on this node yet", deps)
+        if replica.shard is None:
+            return error(503, "this node is not part of the current view", deps)
+        if key is not None and not replica.owns(key):
+            if hops >= cfg.max_hops:
+                return error(503, "request forwarded too many times; views disagree", deps)
+            return await self._forward(method, key, deps, value, hops, deadline)
+        if key is None:
+            ok = await self._wait_for(lambda: not replica.unmet_in_shard(deps), deadline)
+            if not ok:
+                return self._deps_timeout(deps)
+            items, out = replica.items(deps)
+            return Reply(200, {"items": items, "causal-metadata": render_metadata(out)})
+        if method == "PUT":
+            assert value is not None
+            out = replica.write(key, value, deps, self.wall_ms())
+            self._notify()
+            return Reply(200, {"causal-metadata": render_metadata(out)})
+        if not await self._wait_for(lambda: not replica.unmet(key, deps), deadline):
+            return self._deps_timeout(deps)
+        if method == "DELETE":
+            if not replica.is_live(key):
+                return error(404, f"key {key!r} does not exist", deps)
+            out = replica.write(key, None, deps, self.wall_ms())
+            self._notify()
+            return Reply(200, {"causal-metadata": render_metadata(out)})
+        entry, out = replica.read(key, deps)
+        if entry is None or entry.value is None:
+            return error(404, f"key {key!r} does not exist", out)
+        return Reply(200, {"value": entry.value, "causal-metadata": render_metadata(out)})
+
+    def _deps_timeout(self, deps: Deps) -> Reply:
+        return error(
+            503,
+            "causal dependencies not yet available on this replica; its shard may be "
+            f"partitioned (waited {self.config.wait_deadline:g}s)",
+            deps,
+        )
+
+    async def _forward(
+        self, method: str, key: str, deps: Deps, value: str | None, hops: int, deadline: float
+    ) -> Reply:
+        """Try the owning shard's replicas in turn until one answers or the deadline passes."""
+        cfg = self.config
+        view = self.replica.view
+        assert view is not None
+        shard = view.shard_for(key)
+        replicas = list(view.shards[shard])
+        random.shuffle(replicas)
+        body: dict[str, Any] = {"causal-metadata": render_metadata(deps)}
+        if value is not None:
+            body["value"] = value
+        content = dumps(body)
+        path = "/data/" + quote(key, safe="")
+        attempt = 0
+        while True:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                break
+            target = replicas[attempt % len(replicas)]
+            attempt += 1
+            timeout = min(remaining, cfg.forward_attempt_timeout)
+            # The target may wait for causal deps; it must answer before our attempt ends.
+            budget = max(0.0, timeout - min(1.0, timeout / 4))
+            try:
+                resp = await self.forward_client.request(
+                    target.address, method, path, content=content, timeout=timeout,
+                    headers={HOPS_HEADER: str(hops + 1), BUDGET_HEADER: f"{budget:.3f}"},
+                )
+            except PeerUnavailable as exc:
+                log.debug("forward of %r to %s failed: %s", key, target.id, exc)
+                if attempt % len(replicas) == 0:  # a full round failed: give the net a moment
+                    await trio.sleep(min(cfg.gossip_interval, max(0.0, remaining)))
+                continue
+            if resp.status == 503 and trio.current_time() < deadline - 0.05:
+                continue  # that replica could not serve yet; another one may
+            return Reply(resp.status, raw=resp.body)
+        return error(503, f"shard {shard} unreachable: no replica answered in time", deps)
+
+    # ================================================================ views
+    async def put_view(self, view: View) -> None:
+        """Hand the view to the coordinator (which outlives this request) and await it."""
+        request = _ViewRequest(view)
+        await self._view_send.send(request)
+        await request.done.wait()
+
+    def view_status(self) -> dict[str, Any]:
+        view = self.replica.view
+        return {
+            "view": view.to_json() if view else None,
+            "id": self.node_id,
+            "shard": self.replica.shard,
+            "epoch": self.epoch,
+            "view_id": view.view_id if view else None,
+            "keys": len(self.replica.store),
+            "change": asdict(self.progress),
+        }
+
+    async def _coordinator(self) -> None:
+        """Applies views one at a time; between views, retries unacknowledged handoffs."""
+        cfg = self.config
+        while True:
+            request: _ViewRequest | None = None
+            if self.progress.state == "pending":
+                with trio.move_on_after(cfg.handoff_retry_interval):
+                    request = await self._view_recv.receive()
+                if request is None:
+                    view = self.replica.view
+                    assert view is not None
+                    with trio.move_on_after(cfg.view_change_deadline):
+                        async with trio.open_nursery() as nursery:
+                            for source in list(self._pending_pulls.values()):
+                                nursery.start_soon(self._pull, source, view)
+                            nursery.start_soon(self._hand_off, view)
+                    self._finish_progress()
+                    continue
+            else:
+                request = await self._view_recv.receive()
+            current = self.replica.view
+            if current is None or current.view_id != request.view.view_id:
+                await self._change_view(request.view)
+            request.done.set()
+
+    async def _change_view(self, new: View) -> None:
+        cfg = self.config
+        old = self.replica.view
+        started = trio.current_time()
+        self._ready = trio.Event()
+        self.progress = ChangeProgress(state="changing", view_id=new.view_id)
+        log.info("node %s: changing to view %s", self.node_id, new.view_id)
+        try:
+            with trio.move_on_after(cfg.view_change_deadline):
+                async with trio.open_nursery() as nursery:
+                    self._pending_pulls = {m.id: m for m in pull_sources(old, new, self.node_id)}
+                    self.progress.pulls_pending = sorted(self._pending_pulls)
+                    for source in list(self._pending_pulls.values()):
+                        nursery.start_soon(self._pull, source, new)
+                    nursery.start_soon(self._hand_off, new)
+            self.replica.install_view(new)
+            self.epoch += 1
+            self._view_installed.set()
+            self._view_installed = trio.Event()
+        finally:
+            self._ready.set()
+            self.progress.seconds = round(trio.current_time() - started, 3)
+            self._finish_progress()
+            self._notify()
+        log.info("node %s: serving view %s (%s)", self.node_id, new.view_id, self.progress)
+
+    def _finish_progress(self) -> None:
+        view = self.replica.view
+        remaining = (
+            sum(len(ks) for ks in self.replica.foreign_keys(view).values()) if view else 0
+        )
+        self.progress.keys_remaining = remaining
+        pending = remaining or self.progress.pulls_pending
+        self.progress.state = "pending" if pending else "idle"
+
+    async def _pull(self, source: Member, view: View) -> None:
+        """Fetch what we newly own from one old owner, page by page, retrying until done."""
+        cfg = self.config
+        shard = view.shard_of(self.node_id)
+        cursor = ""
+        while True:
+            payload = {"view": view.to_json(), "shard": shard, "after": cursor,
+                       "limit": cfg.handoff_batch_entries}
+            try:
+                raw = await self.sync_client.post_json(
+                    source.address, "/internal/pull", payload, cfg.peer_timeout
+                )
+                entries = entries_from_wire(raw["entries"])
+                nxt = raw["next"]
+            except (PeerUnavailable, WireError, KeyError, TypeError) as exc:
+                log.info("pull from %s failed, retrying: %s", source.id, exc)
+                await trio.sleep(cfg.gossip_interval * random.uniform(1, 2))
+                continue
+            self.replica.merge(entries)
+            self.progress.keys_received += len(entries)
+            self.progress.bytes_received += sum(e.size for _, e in entries)
+            self._notify()
+            if not nxt:
+                break
+            cursor = str(nxt)
+        self._pending_pulls.pop(source.id, None)
+        if source.id in self.progress.pulls_pending:
+            self.progress.pulls_pending.remove(source.id)
+
+    def on_pull(self, raw: Any) -> dict[str, Any]:
+        try:
+            view = parse_view({"view": raw["view"]}, self.config.vnodes)
+            shard, after = str(raw["shard"]), str(raw["after"])
+            limit = max(1, min(int(raw["limit"]), self.config.handoff_batch_entries))
+        except (KeyError, TypeError, ValueError, ViewError) as exc:
+            raise WireError(f"malformed pull: {exc}") from exc
+        entries, nxt = self.replica.pull_page(view, shard, after, limit)
+        return {"entries": entries_to_wire(entries), "next": nxt}
+
+    def on_handoff(self, raw: Any) -> dict[str, Any]:
+        try:
+            entries = entries_from_wire(raw["entries"])
+        except (KeyError, TypeError) as exc:
+            raise WireError("malformed handoff") from exc
+        if self.replica.merge(entries):
+            self._notify()
+        self.progress.keys_received += len(entries)
+        return {"ok": True, "received": len(entries)}
+
+    async def _hand_off(self, view: View) -> None:
+        """Send every key we hold but do not own under ``view`` to all replicas of its new
+        shard; drop our copy of a batch only once every one of them acknowledged it."""
+        foreign = self.replica.foreign_keys(view)
+        async with trio.open_nursery() as nursery:
+            for shard, keys in foreign.items():
+                nursery.start_soon(self._hand_off_shard, view, shard, keys)
+
+    async def _hand_off_shard(self, view: View, shard: str, keys: list[str]) -> None:
+        cfg = self.config
+        receivers = view.shards[shard]
+        size = cfg.handoff_batch_entries
+        for i in range(0, len(keys), size):
+            entries = self.replica.entries_for(keys[i : i + size])
+            payload = {"entries": entries_to_wire(entries)}
+            acked: set[int] = set()
+            while len(acked) < len(receivers):
+                for member in receivers:
+                    if member.id in acked:
+                        continue
+                    try:
+                        await self.sync_client.post_json(
+                            member.address, "/internal/handoff", payload, cfg.peer_timeout
+                        )
+                    except PeerUnavailable as exc:
+                        log.info("handoff to %s failed, retrying: %s", member.id, exc)
+                        if member.id not in self.progress.peers_pending:
+                            self.progress.peers_pending.append(member.id)
+                        continue
+                    acked.add(member.id)
+                    if member.id in self.progress.peers_pending:
+                        self.progress.peers_pending.remove(member.id)
+                    self.progress.keys_sent += len(entries)
+                    self.progress.bytes_sent += sum(e.size for _, e in entries)
+                if len(acked) < len(receivers):
+                    await trio.sleep(cfg.gossip_interval * random.uniform(1, 2))
+            # Every receiver holds these versions; a key changed here since stays for the next
+            # round of handoff.
+            self.replica.drop_if_unchanged(entries, view)
+
+
+async def serve(config: Config) -> None:
+    """Run a node with hypercorn until SIGTERM/SIGINT, then shut down cleanly."""
+    from hypercorn.config import Config as HyperConfig
+
+    from .api import build_app
+
+    node = Node(config)
+    hcfg = HyperConfig()
+    hcfg.bind = [f"{config.host}:{config.port}"]
+    hcfg.keep_alive_timeout = config.keep_alive_timeout
+    hcfg.graceful_timeout = config.shutdown_grace
+    hcfg.h11_max_incomplete_size = config.max_header_bytes
+    hcfg.accesslog = None
+    hcfg.errorlog = logging.getLogger("hypercorn.error")
+    stop = trio.Event()
+    http_done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        nursery.start_soon(_stop_on_signal, stop)
+        binds = await nursery.start(_serve_http, build_app(node), hcfg, stop, http_done)
+        log.info("node %s listening on %s", config.node_id, ", ".join(binds))
+        await http_done.wait()  # hypercorn returns once stopped and drained (graceful_timeout)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_http(
+    app: Any,
+    hcfg: Any,
+    stop: trio.Event,
+    done: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    import hypercorn.trio
+
+    try:
+        await hypercorn.trio.serve(app, hcfg, shutdown_trigger=stop.wait, task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            log.info("received %s: shutting down", signal.Signals(sig).name)
+            stop.set()
+            return
+

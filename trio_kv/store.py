@@ -1,0 +1,88 @@
+"""The replica's data: one current version per key, and a replication stream over them.
+
+Every time a key's current version changes here (a local write, or a merge that wins), the
+entry gets the next sequence number of this replica's *stream*.  The stream therefore holds
+each key once, at the position of its latest change, and "everything after seq n" is exactly
+what a peer that has seen this stream up to n may be missing.  A peer's claim "seen up to n"
+plus ``entry.seq <= n`` proves that peer holds the key at a version at least as new.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .clock import Version
+from .metadata import Deps
+
+
+@dataclass(slots=True)
+class Entry:
+    version: Version
+    value: str | None  # None is a tombstone: deletes replicate and converge like writes
+    deps: Deps  # causal past of the write (other keys), carried to readers
+    seq: int = 0  # position in this replica's stream
+    source: str = ""  # origin stream we merged it from ("" for local writes)
+
+    @property
+    def size(self) -> int:
+        return len(self.value or "") + 64
+
+
+class Store:
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self._stream: dict[int, str] = {}  # seq -> key, insertion order == seq order
+        self._seqs: list[int] = []  # ascending, may hold dead seqs until compacted
+        self.head = 0
+        self.live_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: str) -> Entry | None:
+        return self.entries.get(key)
+
+    def _restamp(self, key: str, entry: Entry) -> None:
+        self._stream.pop(entry.seq, None)
+        self.head += 1
+        entry.seq = self.head
+        self._stream[self.head] = key
+        self._seqs.append(self.head)
+        if len(self._seqs) > 2 * len(self._stream) + 1024:
+            self._seqs = list(self._stream)
+
+    def put(self, key: str, entry: Entry) -> bool:
+        """Install ``entry`` if it wins over the current one (last writer wins); True if it did."""
+        current = self.entries.get(key)
+        if current is not None:
+            if entry.version < current.version or (
+                entry.version == current.version and (entry.value or "") <= (current.value or "")
+            ):
+                return False
+            self.live_bytes -= current.size
+            self._stream.pop(current.seq, None)
+        entry.seq = 0
+        self.entries[key] = entry
+        self.live_bytes += entry.size
+        self._restamp(key, entry)
+        return True
+
+    def remove(self, key: str) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self._stream.pop(entry.seq, None)
+            self.live_bytes -= entry.size
+
+    def since(self, after: int) -> Iterator[tuple[int, str, Entry]]:
+        """Current entries whose stream position is after ``after``, in stream order."""
+        seqs = self._seqs
+        for i in range(bisect.bisect_right(seqs, after), len(seqs)):
+            seq = seqs[i]
+            key = self._stream.get(seq)
+            if key is not None:
+                yield seq, key, self.entries[key]
+
+    def keys_where(self, keep: Callable[[str], bool]) -> list[str]:
+        return [k for k in self.entries if keep(k)]

@@ -1,0 +1,183 @@
+"""In-process clusters for tests: N nodes in one trio run, joined by a fault-injecting network.
+
+Nodes talk through ``httpx`` over ``FaultyTransport``, which routes by address to each node's
+ASGI app and applies the network's faults: a *cut* link drops traffic silently (requests hang
+until the caller's cancel scope fires, as with an iptables DROP rule), a *down* node refuses
+connections, and links can be delayed.  Use with trio's autojump clock: seconds of simulated
+partition run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from .api import build_app
+from .config import Config
+from .node import Node
+
+CLIENT = "client"
+
+
+class Network:
+    """Which links are cut, which nodes are down, which links are slow."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, Any] = {}
+        self.blocked: set[tuple[str, str]] = set()  # directed (src, dst) links that drop
+        self.down: set[str] = set()
+        self.delays: dict[str, float] = {}  # address -> added latency each way
+
+    def cut(self, a: str, b: str, *, both_ways: bool = True) -> None:
+        self.blocked.add((a, b))
+        if both_ways:
+            self.blocked.add((b, a))
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut every link between members of different groups."""
+        sets = [set(g) for g in groups]
+        for i, g in enumerate(sets):
+            for h in sets[i + 1 :]:
+                for a in g:
+                    for b in h:
+                        self.cut(a, b)
+
+    def isolate(self, address: str) -> None:
+        for other in self.apps:
+            if other != address:
+                self.cut(address, other)
+
+    def heal(self) -> None:
+        self.blocked.clear()
+        self.delays.clear()
+
+    def transport(self, src: str) -> FaultyTransport:
+        return FaultyTransport(self, src)
+
+
+class FaultyTransport(httpx.AsyncBaseTransport):
+    def __init__(self, network: Network, src: str) -> None:
+        self.network = network
+        self.src = src
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        net = self.network
+        dst = f"{request.url.host}:{request.url.port}"
+        app = net.apps.get(dst)
+        if app is None or dst in net.down:
+            raise httpx.ConnectError(f"connection refused by {dst}", request=request)
+        await self._hop(self.src, dst)
+        response = await httpx.ASGITransport(app=app).handle_async_request(request)
+        await self._hop(dst, self.src)
+        if dst in net.down:
+            raise httpx.RemoteProtocolError("server went down mid-request", request=request)
+        return response
+
+    async def _hop(self, a: str, b: str) -> None:
+        net = self.network
+        delay = net.delays.get(a, 0.0) + net.delays.get(b, 0.0)
+        if delay:
+            await trio.sleep(delay)
+        if (a, b) in net.blocked:
+            await trio.sleep_forever()  # dropped: only the caller's deadline ends this
+
+
+@dataclasses.dataclass
+class Cluster:
+    network: Network
+    nodes: dict[int, Node]
+    addresses: dict[int, str]
+    shards: dict[str, list[int]]
+
+    def view_body(self, shards: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        shards = self.shards if shards is None else shards
+        return {
+            "view": {
+                name: [{"address": self.addresses[i], "id": i} for i in ids]
+                for name, ids in shards.items()
+            }
+        }
+
+    def client(self, node_id: int, timeout: float = 60.0) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=self.network.transport(CLIENT),
+            base_url=f"http://{self.addresses[node_id]}",
+            timeout=timeout,
+        )
+
+    async def put_view(
+        self, shards: dict[str, list[int]] | None = None, to: Iterable[int] | None = None
+    ) -> None:
+        """Send the view to ``to`` (default: every node in it) concurrently; all must say 200."""
+        body = self.view_body(shards)
+        targets = list(to) if to is not None else [i for ids in body_ids(body) for i in ids]
+        statuses: dict[int, int] = {}
+
+        async def send(i: int) -> None:
+            async with self.client(i) as c:
+                statuses[i] = (await c.put("/view", json=body)).status_code
+
+        async with trio.open_nursery() as nursery:
+            for i in targets:
+                nursery.start_soon(send, i)
+        assert all(s == 200 for s in statuses.values()), statuses
+        if shards is not None:
+            self.shards = shards
+
+    def address_of(self, *node_ids: int) -> list[str]:
+        return [self.addresses[i] for i in node_ids]
+
+
+def body_ids(body: dict[str, Any]) -> list[list[int]]:
+    return [[m["id"] for m in members] for members in body["view"].values()]
+
+
+def add_node(cluster: Cluster, nursery: trio.Nursery, node_id: int, config: Config) -> Node:
+    """Start one more node (not yet in any view) inside ``nursery``."""
+    address = f"10.0.0.{node_id}:8081"
+    node = Node(dataclasses.replace(config, node_id=node_id), client_factory=_factory(
+        cluster.network, address))
+    cluster.network.apps[address] = build_app(node)
+    cluster.nodes[node_id] = node
+    cluster.addresses[node_id] = address
+    nursery.start_soon(node.run)
+    return node
+
+
+def _factory(network: Network, src: str) -> Any:
+    def make(limits: httpx.Limits, timeout: httpx.Timeout) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=network.transport(src), timeout=timeout)
+
+    return make
+
+
+@asynccontextmanager
+async def open_cluster(
+    shards: dict[str, int] | None = None,
+    config: Config | None = None,
+    send_view: bool = True,
+    spare: int = 0,
+) -> AsyncIterator[Cluster]:
+    """Nodes numbered from 1, shard by shard (``{"A": 2, "B": 2}`` -> A=[1,2], B=[3,4]),
+    plus ``spare`` nodes outside the view; the view is sent to all members unless told not to."""
+    shards = shards or {"A": 3}
+    config = config or Config()
+    cluster = Cluster(Network(), {}, {}, {})
+    next_id = 1
+    for name, count in shards.items():
+        cluster.shards[name] = list(range(next_id, next_id + count))
+        next_id += count
+    async with trio.open_nursery() as nursery:
+        for node_id in range(1, next_id + spare):
+            add_node(cluster, nursery, node_id, config)
+        for node in cluster.nodes.values():
+            await node.started.wait()
+        if send_view:
+            await cluster.put_view()
+        yield cluster
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,186 @@
+"""Views: which nodes form which shards, validated once at the edge, and what a change moves."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from .ring import HASH_SPACE, Ring
+
+LEGACY_SHARD_NAME = "shard1"
+
+
+class ViewError(ValueError):
+    """The view body is not a valid view; the message is shown to the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    id: int
+    address: str
+
+
+@dataclass(frozen=True)
+class View:
+    shards: dict[str, tuple[Member, ...]]
+    vnodes: int = field(default=128, compare=False)
+
+    @cached_property
+    def view_id(self) -> str:
+        """Same view, same id on every node: lets peers notice they disagree."""
+        canonical = sorted(
+            (name, sorted((m.id, m.address) for m in members))
+            for name, members in self.shards.items()
+        )
+        return hashlib.blake2b(json.dumps(canonical).encode(), digest_size=8).hexdigest()
+
+    @cached_property
+    def ring(self) -> Ring:
+        return Ring(self.shards, self.vnodes)
+
+    @cached_property
+    def _shard_of_node(self) -> dict[int, str]:
+        return {m.id: name for name, members in self.shards.items() for m in members}
+
+    @cached_property
+    def _members(self) -> dict[int, Member]:
+        return {m.id: m for members in self.shards.values() for m in members}
+
+    def shard_of(self, node_id: int) -> str | None:
+        return self._shard_of_node.get(node_id)
+
+    def member(self, node_id: int) -> Member | None:
+        return self._members.get(node_id)
+
+    def members(self) -> list[Member]:
+        return list(self._members.values())
+
+    def shard_for(self, key: str) -> str:
+        return self.ring.shard_for(key)
+
+    def to_json(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            name: [{"address": m.address, "id": m.id} for m in members]
+            for name, members in self.shards.items()
+        }
+
+
+def _parse_id(raw: object) -> int:
+    if isinstance(raw, bool):
+        raise ViewError("node ids must be integers")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        return int(raw.strip())
+    raise ViewError("node ids must be integers (or strings holding integers)")
+
+
+def _parse_address(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ViewError("node addresses must be non-empty 'host:port' strings")
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ViewError(f"node address {raw!r} is not of the form 'host:port'")
+    return raw.strip()
+
+
+def _parse_members(name: str, raw: object) -> tuple[Member, ...]:
+    if not isinstance(raw, list):
+        raise ViewError(f"shard {name!r} must be a list of {{address, id}} objects")
+    if not raw:
+        raise ViewError(f"shard {name!r} is empty")
+    members = []
+    for item in raw:
+        if not isinstance(item, dict) or "address" not in item or "id" not in item:
+            raise ViewError(f"shard {name!r} must be a list of {{address, id}} objects")
+        members.append(Member(id=_parse_id(item["id"]), address=_parse_address(item["address"])))
+    return tuple(members)
+
+
+def parse_view(body: object, vnodes: int = 128) -> View:
+    """Validate a ``PUT /view`` body; unknown extra fields are ignored."""
+    if not isinstance(body, dict) or "view" not in body:
+        raise ViewError("body must be a JSON object with a 'view' field")
+    raw = body["view"]
+    if isinstance(raw, list):
+        raw = {LEGACY_SHARD_NAME: raw}
+    if not isinstance(raw, dict) or not raw:
+        raise ViewError("'view' must be a non-empty object of shards or a list of nodes")
+    shards: dict[str, tuple[Member, ...]] = {}
+    for name, members in raw.items():
+        if not isinstance(name, str) or not name:
+            raise ViewError("shard names must be non-empty strings")
+        shards[name] = _parse_members(name, members)
+    ids = [m.id for ms in shards.values() for m in ms]
+    if len(ids) != len(set(ids)):
+        raise ViewError("every node id must appear once in the view")
+    addresses = [m.address for ms in shards.values() for m in ms]
+    if len(addresses) != len(set(addresses)):
+        raise ViewError("every node address must appear once in the view")
+    return View(shards=shards, vnodes=vnodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Keys hashing into ``[start, end)`` change owner from ``source`` to ``target`` shard."""
+
+    start: int
+    end: int
+    source: str
+    target: str
+    senders: tuple[Member, ...]
+    receivers: tuple[Member, ...]
+
+
+def _owner_at(ring: Ring, point: int) -> str:
+    return ring.owners[bisect.bisect_left(ring.positions, point) % len(ring.owners)]
+
+
+def _overlay(old: Ring, new: Ring) -> list[tuple[int, int, str, str]]:
+    """The hash space cut at every point of both rings: ``(start, end, old_owner, new_owner)``."""
+    cuts = sorted({0, HASH_SPACE} | {p + 1 for p in old.positions} | {p + 1 for p in new.positions})
+    return [
+        (start, end, _owner_at(old, start), _owner_at(new, start))
+        for start, end in itertools.pairwise(cuts)
+        if start < HASH_SPACE
+    ]
+
+
+def plan_moves(old: View | None, new: View) -> list[Move]:
+    """Every hash range whose owning shard differs between ``old`` and ``new``.
+
+    Adjacent ranges with the same source and target are coalesced.  With no old view there is
+    nothing known to move.
+    """
+    if old is None or old.view_id == new.view_id:
+        return []
+    moves: list[Move] = []
+    for start, end, source, target in _overlay(old.ring, new.ring):
+        if source == target:
+            continue
+        last = moves[-1] if moves else None
+        if last and last.end == start and last.source == source and last.target == target:
+            moves[-1] = Move(last.start, end, source, target, last.senders, last.receivers)
+        else:
+            moves.append(Move(start, end, source, target, old.shards[source], new.shards[target]))
+    return moves
+
+
+def pull_sources(old: View | None, new: View, node_id: int) -> list[Member]:
+    """The old owners node ``node_id`` must pull from: every member of an old shard that owned
+    some range this node owns under ``new``, unless the node already replicated that shard.
+
+    Covers shards that gained ranges, nodes that joined, and nodes that moved between shards.
+    """
+    my_new = new.shard_of(node_id)
+    if old is None or my_new is None or old.view_id == new.view_id:
+        return []
+    my_old = old.shard_of(node_id)
+    shards = {src for _s, _e, src, dst in _overlay(old.ring, new.ring) if dst == my_new}
+    shards.discard(my_old or "")
+    return [m for s in sorted(shards) for m in old.shards[s] if m.id != node_id]
