@@ -28,42 +28,43 @@ def pyspy() -> str:
     raise RuntimeError("py-spy not found: pip install py-spy (into the venv)")
 
 
-async def record(pid: int, base: Path, duration: float, load: Awaitable[Any]) -> dict[str, Any]:
-    """Sample `pid` for `duration` s while `load` runs; returns ranked hot spots."""
+async def record(
+    pids: dict[str, int], base: Path, duration: float, load: Awaitable[Any]
+) -> dict[str, dict[str, Any]]:
+    """Sample each pid (one py-spy each) for `duration` s while `load` runs; rank hot spots."""
     base.parent.mkdir(parents=True, exist_ok=True)
-    raw = base.with_suffix(".collapsed")
-    proc = await asyncio.create_subprocess_exec(
-        pyspy(),
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(max(1, round(duration))),
-        "--rate",
-        "100",
-        "--format",
-        "raw",
-        "-o",
-        str(raw),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    spies = {}
+    for name, pid in pids.items():
+        raw = base.parent / f"{base.name}-{name}.collapsed"
+        spies[name] = (
+            raw,
+            await asyncio.create_subprocess_exec(
+                pyspy(), "record", "--pid", str(pid),
+                "--duration", str(max(1, round(duration))),
+                "--rate", "100", "--format", "raw", "-o", str(raw),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            ),
+        )  # fmt: skip
     await asyncio.sleep(0.3)  # attach before the load starts
     load_result = await load
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), duration + 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise RuntimeError("py-spy did not finish") from None
-    if proc.returncode != 0 or not raw.exists():
-        raise RuntimeError(f"py-spy failed: {out.decode(errors='replace')[-400:]}")
-    stacks = parse(raw.read_text())
-    result = rank(stacks)
-    result["files"] = {"collapsed": str(raw), "svg": str(base.with_suffix(".svg"))}
-    result["load"] = getattr(load_result, "as_dict", lambda: None)()
-    base.with_suffix(".svg").write_text(flamegraph(stacks, f"{base.name} (pid {pid})"))
-    return result
+    results: dict[str, dict[str, Any]] = {}
+    for name, (raw, proc) in spies.items():
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), duration + 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError("py-spy did not finish") from None
+        if proc.returncode != 0 or not raw.exists():
+            raise RuntimeError(f"py-spy failed: {out.decode(errors='replace')[-400:]}")
+        stacks = parse(raw.read_text())
+        res = rank(stacks)
+        svg = raw.with_suffix(".svg")
+        svg.write_text(flamegraph(stacks, f"{base.name} {name} (pid {pids[name]})"))
+        res["files"] = {"collapsed": str(raw), "svg": str(svg)}
+        res["load"] = getattr(load_result, "as_dict", lambda: None)()
+        results[name] = res
+    return results
 
 
 def parse(text: str) -> list[tuple[list[str], int]]:

@@ -31,9 +31,17 @@ def _cells(r: Row) -> list[str]:
     return [r.section, r.case, r.result, r.ratio, r.target, r.mark]
 
 
+def grouped(rows: list[Row]) -> list[Row]:
+    """Rows grouped by section, sections in order of first appearance (stable within)."""
+    order: dict[str, int] = {}
+    for r in rows:
+        order.setdefault(r.section, len(order))
+    return sorted(rows, key=lambda r: order[r.section])
+
+
 def text_table(rows: list[Row]) -> str:
     """Fixed-width table for the terminal; a blank line between sections."""
-    cells = [list(COLS)] + [_cells(r) for r in rows]
+    cells = [list(COLS)] + [_cells(r) for r in grouped(rows)]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLS))]
     out, prev = [], None
     for i, c in enumerate(cells):
@@ -53,7 +61,7 @@ def md_table(rows: list[Row]) -> str:
         return s.replace("|", "\\|")
 
     lines = ["| " + " | ".join(c or "ok?" for c in COLS) + " |", "|" + "---|" * len(COLS)]
-    lines += ["| " + " | ".join(esc(c) for c in _cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(esc(c) for c in _cells(r)) + " |" for r in grouped(rows)]
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ class Ctx:
     single: dict[str, wrk.WrkResult] = field(default_factory=dict)
     profile: bool = False
     ceiling_proc: procs.Proc | None = None
+    paired: bool = True  # single_node runs too: measure the ceiling right before each node run
+    retries: int = 6  # re-runs left for the whole suite when other processes disturb a run
 
     def row(self, *args: Any, **kw: Any) -> None:
         r = Row(*args, **kw)
@@ -114,10 +116,11 @@ async def drive(
     nkeys: int,
     meta: bool,
     prefix: str = "k",
-    retries: int = 2,
+    duration: float | None = None,
+    retry: bool = True,
 ) -> wrk.WrkResult:
-    """One wrk run; re-run at most `retries` times while other processes ate > NOISE cores
-    (engineers share this machine), keeping the least disturbed run."""
+    """One wrk run; re-run (twice at most, from a suite-wide budget) while other processes ate
+    more than NOISE cores (engineers share this machine), keeping the least disturbed run."""
     args = {
         "keys": str(nkeys),
         "prefix": prefix,
@@ -126,13 +129,15 @@ async def drive(
         "meta": "1" if meta else "0",
         "seed": str(random.randrange(1 << 20)),
     }
-    best = await wrk.run(target, ctx.duration, ctx.conns, args, servers=servers)
-    for _ in range(retries):
-        if best.other_cpu <= NOISE:
+    dur = duration or ctx.duration
+    best = await wrk.run(target, dur, ctx.conns, args, servers=servers)
+    for _ in range(2):
+        if not retry or best.other_cpu <= NOISE or ctx.retries <= 0:
             break
+        ctx.retries -= 1
         ctx.log(f"    other processes used {best.other_cpu:.0%} of a core: re-running")
         await asyncio.sleep(1.0)
-        r = await wrk.run(target, ctx.duration, ctx.conns, args, servers=servers)
+        r = await wrk.run(target, dur, ctx.conns, args, servers=servers)
         if r.other_cpu < best.other_cpu:
             best = r
     return best
@@ -153,11 +158,12 @@ async def ceiling(ctx: Ctx) -> None:
     await procs.wait_ready([p])
     await preload(ctx, [p], keyset("k", 0, 1000))
     await wrk.run(p, 1, ctx.conns, {"keys": "1000"}, servers=[p])  # warm-up
-    for mix in MIXES:
-        r = await drive(ctx, p, [p], mix, 1000, False)
-        ctx.ceiling[mix] = r
-        _load_row(ctx, "0 ceiling", f"bare stack {mix}", r, None, "", None)
-    ctx.data["ceiling"] = {m: r.as_dict() for m, r in ctx.ceiling.items()}
+    if not ctx.paired:  # else single_node measures it, paired with each node run
+        for mix in MIXES:
+            r = await drive(ctx, p, [p], mix, 1000, False)
+            ctx.ceiling[mix] = r
+            _load_row(ctx, "0 ceiling", f"bare stack {mix}", r, None, "", None)
+        ctx.data["ceiling"] = {m: r.as_dict() for m, r in ctx.ceiling.items()}
 
 
 # ---------------------------------------------------------------- 1. throughput and latency
@@ -174,19 +180,18 @@ async def single_node(ctx: Ctx) -> None:
         rows: dict[str, Any] = {}
         cp = ctx.ceiling_proc
         for mix in MIXES:
-            base = ctx.ceiling.get(mix)
             if cp is not None and cp.alive():
-                base = await drive(ctx, cp, [cp], mix, 1000, False)
-                rows[f"ceiling {mix}"] = base.as_dict()
+                ctx.ceiling[mix] = await drive(ctx, cp, [cp], mix, 1000, False)
+                _load_row(ctx, "0 ceiling", f"bare stack {mix}", ctx.ceiling[mix], None, "", None)
             r = await drive(ctx, c.nodes[0], c.nodes, mix, 1000, False)
             ctx.single[mix] = r
             rows[mix] = r.as_dict()
-            if base is not None and base is not ctx.ceiling.get(mix):
-                _load_row(ctx, "1 throughput", f"ceiling {mix} (paired)", base, None, "", None)
+            base = ctx.ceiling.get(mix)
             _load_row(ctx, "1 throughput", f"1x1 1k keys {mix}", r, base, "ceiling", targets[mix])
+        ctx.data["ceiling"] = {m: r.as_dict() for m, r in ctx.ceiling.items()}
         ctx.data["single"] = rows
         if ctx.profile:
-            await profile_node(ctx, c)
+            await profile_node(ctx, c, "1x1", ("GET", "PUT"), c.nodes)
     finally:
         c.stop()
 
@@ -207,7 +212,7 @@ async def topology(ctx: Ctx, shards: int, replicas: int) -> None:
             await asyncio.sleep(0.5)  # let replication of the preload drain
             await wrk.run(target, 1, ctx.conns, {"keys": str(nkeys)}, servers=c.nodes)
             for meta in (False, True):
-                for mix in MIXES:
+                for mix in ["GET", "PUT"] if ctx.quick else list(MIXES):
                     r = await drive(ctx, target, c.nodes, mix, nkeys, meta)
                     case = f"{name} {nkeys // 1000}k keys {mix}{' +meta' if meta else ''}"
                     base, bname, tgt = ctx.ceiling.get(mix), "ceiling", None
@@ -219,8 +224,12 @@ async def topology(ctx: Ctx, shards: int, replicas: int) -> None:
                     )
                     if mix == "PUT":
                         await asyncio.sleep(0.5)  # drain replication before the next run
+        if ctx.profile and shards == 1:
+            await profile_node(ctx, c, name, ("PUT",), c.nodes[:2])
         if shards > 1:
             await forwarding(ctx, c)
+            if ctx.profile:
+                await profile_node(ctx, c, name, ("GET",), c.nodes[:1])
             await metadata_growth(ctx, c)
     finally:
         ctx.data.setdefault("throughput", []).extend(results)
@@ -568,24 +577,30 @@ async def resharding(ctx: Ctx, replicas: int = 1) -> None:
 # ---------------------------------------------------------------- profiling (--profile)
 
 
-async def profile_node(ctx: Ctx, c: Cluster) -> None:
-    """py-spy on the single node under the GET and the PUT load: raw stacks + flame graph."""
+async def profile_node(
+    ctx: Ctx, c: Cluster, label: str, mixes: tuple[str, ...], nodes: list[procs.Proc]
+) -> None:
+    """py-spy on `nodes` while wrk drives n1 with each mix: collapsed stacks + flame graphs."""
     import profiling
 
-    node = c.nodes[0]
-    ctx.data["profile"] = {}
-    for mix in ("GET", "PUT"):
-        prof = await profiling.record(
-            node.pid,
-            ctx.out / f"profile-{mix.lower()}",
-            ctx.duration + 1,
-            drive(ctx, node, c.nodes, mix, 1000, False),
+    pdur = max(ctx.duration, 5.0)
+    for mix in mixes:
+        key = f"{label} {mix}"
+        profs = await profiling.record(
+            {p.name: p.pid for p in nodes},
+            ctx.out / f"profile-{label}-{mix.lower().replace('/', '')}",
+            pdur,
+            drive(ctx, c.nodes[0], c.nodes, mix, 1000, False, duration=pdur, retry=False),
         )
-        ctx.data["profile"][mix] = prof
-        for fn, share in prof["self"][:8]:
-            ctx.row("8 profile", f"{mix} self", fn, pct(share))
-        for mod, share in prof["by_package"][:6]:
-            ctx.row("8 profile", f"{mix} by package", mod, pct(share))
+        ctx.data.setdefault("profile", {})[key] = profs
+        for name, prof in profs.items():
+            where = f"{key} {name}"
+            for fn, share in prof["self"][:5]:
+                ctx.row("8 profile", f"{where} self", fn, pct(share))
+            for fn, share in prof["trio_kv_inclusive"][:4]:
+                ctx.row("8 profile", f"{where} trio_kv incl.", fn, pct(share))
+            pk = ", ".join(f"{m} {pct(v)}" for m, v in prof["by_package"][:6])
+            ctx.row("8 profile", f"{where} self by package", pk, f"{prof['samples']} samples")
 
 
 Scenario = Callable[[Ctx], Awaitable[None]]

@@ -49,9 +49,9 @@ class WrkResult:
 def busy_cores_s() -> float:
     """CPU seconds spent busy by the whole machine so far (all cores, from /proc/stat)."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system irq softirq; idle, iowait and steal (other VMs) are not our machine's work
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
 
 
 def wrk_path() -> str:
