@@ -65,7 +65,8 @@ class NetworkBackend(Backend, abc.ABC):
         ms = self.state.delays.get(node.id, 0.0)
         mode = self.delay_mode(node) if (ms or node.delayer_pid
                                          or self.state.extra.get("delay_mode")) else "none"
-        rules = render(self.state, node.id, iface=IFACE, nfqueue_delay=mode == "nfqueue")
+        rules = render(self.state, node.id, iface=IFACE, nfqueue_delay=mode == "nfqueue",
+                       confine=self.state.extra.get("subnet"))
         self.node_exec(node, ["iptables-restore"], input=rules)
         if mode == "netem":
             if ms:

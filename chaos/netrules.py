@@ -14,14 +14,17 @@ DELAY_QUEUE = 7
 """NFQUEUE number used by :mod:`chaos.delayer` (queues are per network namespace)."""
 
 
-def render(state: State, node_id: int, *, iface: str = "eth0", nfqueue_delay: bool = False) -> str:
+def render(state: State, node_id: int, *, iface: str = "eth0", nfqueue_delay: bool = False,
+           confine: str | None = None) -> str:
     """The ``iptables-restore`` input for one node.
 
     Cuts are DROP rules (not REJECT: a real partition answers nothing, so peers see
     time-outs, not quick refusals), on INPUT by source and on OUTPUT by destination, so a
     one-way cut ``a -> b`` drops a's packets to b at both ends.  With ``nfqueue_delay`` every
     packet leaving ``iface`` goes through the delayer's queue (``--queue-bypass``: if the
-    delayer is gone, packets pass undelayed rather than vanish).
+    delayer is gone, packets pass undelayed rather than vanish).  With ``confine`` (a subnet),
+    anything the node would send through ``iface`` outside that subnet is dropped first: node
+    traffic never leaves the cluster's own network, whatever routes the namespace has.
     """
     addr = {n.id: n.host for n in state.nodes}
     lines = [
@@ -41,6 +44,9 @@ def render(state: State, node_id: int, *, iface: str = "eth0", nfqueue_delay: bo
         if src == node_id:
             lines.append(f"-A TKV-OUT -d {addr[dst]}/32 -m comment --comment "
                          f"\"tkv cut {src}->{dst}\" -j DROP")
+    if confine:
+        lines.append(f"-A TKV-OUT -o {iface} ! -d {confine} -m comment --comment "
+                     f"\"tkv confine\" -j DROP")
     if nfqueue_delay and state.delays.get(node_id):
         lines.append(f"-A TKV-OUT -o {iface} -m comment --comment \"tkv delay\" "
                      f"-j NFQUEUE --queue-num {DELAY_QUEUE} --queue-bypass")
