@@ -35,3 +35,24 @@ async def converged(cluster: Cluster, node_ids: list[int], within: float = 10.0)
             if all(s == seen[0] for s in seen):
                 return seen[0]
             await trio.sleep(0.1)
+
+
+def keys_of(cluster: Cluster, shard: str, count: int = 1, prefix: str = "k") -> list[str]:
+    """Keys the cluster's current view places on ``shard``."""
+    view = next(iter(cluster.nodes.values())).replica.view
+    assert view is not None
+    out: list[str] = []
+    i = 0
+    while len(out) < count:
+        key = f"{prefix}{i}"
+        if view.shard_for(key) == shard:
+            out.append(key)
+        i += 1
+    return out
+
+
+async def pending(task_done: trio.Event, for_seconds: float) -> bool:
+    """True if ``task_done`` is still unset after ``for_seconds`` (of test-clock time)."""
+    with trio.move_on_after(for_seconds):
+        await task_done.wait()
+    return not task_done.is_set()

@@ -83,6 +83,8 @@ class FaultyTransport(httpx.AsyncBaseTransport):
         delay = net.delays.get(a, 0.0) + net.delays.get(b, 0.0)
         if delay:
             await trio.sleep(delay)
+        else:
+            await trio.lowlevel.checkpoint()  # a real network always lets other tasks run
         if (a, b) in net.blocked:
             await trio.sleep_forever()  # dropped: only the caller's deadline ends this
 
