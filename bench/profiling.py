@@ -95,6 +95,40 @@ def package(frame: str) -> str:
     return first or "?"
 
 
+# Exclusive attribution by layer: each sample goes to the innermost frame that belongs to one
+# of these (so trio's socket calls count for whoever made them: server, peer client, ...).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("json", ("json/", "orjson")),
+    ("logging", ("logging/",)),
+    ("peer client (httpx/httpcore)", ("httpx/", "httpcore/")),
+    ("server (hypercorn/h11)", ("hypercorn/", "h11/")),
+    ("starlette", ("starlette/",)),
+    ("trio_kv", ("trio_kv/",)),
+)
+
+
+def _is_entry(frame: str) -> bool:
+    """Frames every sample has (the process entry point): not a hot spot."""
+    return "trio_kv/__main__.py" in frame or frame.startswith("<module>")
+
+
+def layers(stacks: list[tuple[list[str], int]]) -> list[tuple[str, float]]:
+    """Share of samples per layer; `trio runtime` when no layer frame is on the stack."""
+    total = sum(n for _, n in stacks) or 1
+    c: Counter[str] = Counter()
+    for frames, n in stacks:
+        who = "trio runtime (scheduler, no caller above)"
+        for f in reversed(frames):
+            if _is_entry(f):
+                continue
+            hit = next((name for name, needles in LAYERS if any(x in f for x in needles)), None)
+            if hit:
+                who = hit
+                break
+        c[who] += n
+    return [(k, v / total) for k, v in c.most_common()]
+
+
 def rank(stacks: list[tuple[list[str], int]]) -> dict[str, Any]:
     total = sum(n for _, n in stacks) or 1
     self_c: Counter[str] = Counter()
@@ -107,13 +141,14 @@ def rank(stacks: list[tuple[list[str], int]]) -> dict[str, Any]:
         pkg[package(frames[-1])] += n
         for f in {_func(f) for f in frames}:
             incl[f] += n
-    ours = Counter({f: n for f, n in incl.items() if "trio_kv/" in f})
+    ours = Counter({f: n for f, n in incl.items() if "trio_kv/" in f and not _is_entry(f)})
     return {
         "samples": total,
         "self": [(f, n / total) for f, n in self_c.most_common(TOP)],
         "inclusive": [(f, n / total) for f, n in incl.most_common(TOP)],
         "trio_kv_inclusive": [(f, n / total) for f, n in ours.most_common(TOP)],
         "by_package": [(p, n / total) for p, n in pkg.most_common()],
+        "layers": layers(stacks),
     }
 
 
