@@ -135,8 +135,11 @@ async def drive(
         if not retry or best.other_cpu <= NOISE or ctx.retries <= 0:
             break
         ctx.retries -= 1
-        ctx.log(f"    other processes used {best.other_cpu:.0%} of a core: re-running")
-        await asyncio.sleep(1.0)
+        waited = await wrk.wait_quiet(servers, 10.0)
+        ctx.log(
+            f"    other processes used {best.other_cpu:.0%} of a core: re-running "
+            f"(waited {waited:.1f} s for quiet)"
+        )
         r = await wrk.run(target, dur, ctx.conns, args, servers=servers)
         if r.other_cpu < best.other_cpu:
             best = r

@@ -54,6 +54,20 @@ def busy_cores_s() -> float:
     return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
 
 
+async def wait_quiet(servers: list[Proc], max_s: float, threshold: float = 0.2) -> float:
+    """Wait (at most max_s) until processes outside ours use < threshold cores over 0.5 s."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_s:
+        c0 = sum(p.cpu_s() for p in servers if p.alive())
+        b0, s0, w0 = busy_cores_s(), _self_cpu(), time.monotonic()
+        await asyncio.sleep(0.5)
+        c1 = sum(p.cpu_s() for p in servers if p.alive())
+        other = (busy_cores_s() - b0 - (c1 - c0) - (_self_cpu() - s0)) / (time.monotonic() - w0)
+        if other < threshold:
+            break
+    return time.monotonic() - t0
+
+
 def wrk_path() -> str:
     path = shutil.which("wrk")
     if not path:
