@@ -32,6 +32,17 @@ DELAYER_PID = "/tmp/tkv-delayer.pid"
 LABEL = "tkv.chaos"
 
 
+def mac_for(ip: str) -> str:
+    """A fixed, locally administered MAC per address.
+
+    Podman gives a container a new random MAC each time it starts; after a restart, peers and
+    the host keep the old one in their ARP caches and their packets vanish until the entry
+    expires (~30 s here).  A MAC derived from the IP survives restarts.
+    """
+    octets = ipaddress.ip_address(ip).packed
+    return "02:00:" + ":".join(f"{b:02x}" for b in octets)
+
+
 class PodmanBackend(NetworkBackend):
     """Containers on a podman bridge network; faults applied inside each container."""
 
@@ -78,7 +89,8 @@ class PodmanBackend(NetworkBackend):
                 env += ["-e", f"{key}={value}"]
             run(["podman", "run", "-d", "--name", node.name,
                  "--label", f"{LABEL}={self.state.prefix}", "--network", self.network,
-                 "--ip", node.host, "--cap-add", "NET_ADMIN", "--health-interval", "disable",
+                 "--ip", node.host, "--mac-address", mac_for(node.host),
+                 "--cap-add", "NET_ADMIN", "--health-interval", "disable",
                  *podman_common_args(), *env, self.state.extra["image"]], timeout=120)
         wait_until(lambda: True if self.alive(node) else None, timeout=30,
                    what=f"container {node.name} to run")
