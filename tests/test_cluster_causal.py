@@ -86,17 +86,20 @@ async def test_far_side_of_partition_answers_404_without_dependency(autojump_clo
 
 async def test_no_false_dependencies(autojump_clock):
     """A client that read key a on replica 1 reads key c on a replica cut from 1 at once."""
-    async with open_cluster({"S": 3}) as cluster:
-        async with cluster.client(1) as on_1, cluster.client(2) as on_2:
-            await put(on_1, "c", "c-old")
-            await converged(cluster, [1, 2, 3])
-            cluster.network.cut(*cluster.address_of(1, 2))
-            await put(on_1, "a", "a1")  # not on replica 2
-            meta = (await get(on_1, "a")).json()["causal-metadata"]
-            assert "a" in meta["deps"]
-            with trio.fail_after(0.5):
-                r = await get(on_2, "c", meta)
-            assert r.status_code == 200 and r.json()["value"] == "c-old"
+    async with (
+        open_cluster({"S": 3}) as cluster,
+        cluster.client(1) as on_1,
+        cluster.client(2) as on_2,
+    ):
+        await put(on_1, "c", "c-old")
+        await converged(cluster, [1, 2, 3])
+        cluster.network.cut(*cluster.address_of(1, 2))
+        await put(on_1, "a", "a1")  # not on replica 2
+        meta = (await get(on_1, "a")).json()["causal-metadata"]
+        assert "a" in meta["deps"]
+        with trio.fail_after(0.5):
+            r = await get(on_2, "c", meta)
+        assert r.status_code == 200 and r.json()["value"] == "c-old"
 
 
 async def test_get_all_waits_for_dependencies_in_its_shard(autojump_clock):
@@ -135,30 +138,33 @@ async def test_metadata_by_header(autojump_clock):
 
 
 async def test_deletes_replicate_and_never_resurrect(autojump_clock):
-    async with open_cluster({"S": 3}) as cluster:
-        async with cluster.client(1) as on_1, cluster.client(2) as on_2:
-            await put(on_1, "k", "v1")
-            await converged(cluster, [1, 2, 3])
-            cluster.network.isolate(cluster.addresses[1])
-            r = await on_1.request("DELETE", "/data/k")
-            assert r.status_code == 200
-            meta = r.json()["causal-metadata"]
-            assert (await get(on_1, "k")).status_code == 404
-            assert (await get(on_2, "k")).json()["value"] == "v1"  # not there yet
-            cluster.network.heal()
-            assert "k" not in await converged(cluster, [1, 2, 3])
-            r = await get(on_2, "k", meta)
-            assert r.status_code == 404
-            assert (await on_2.request("DELETE", "/data/k")).status_code == 404
-            # an old version arriving again changes nothing (anti-entropy re-ships it)
-            for node in cluster.nodes.values():
-                node.replica.install_view(node.replica.view)  # forces a full re-exchange
-                node._view_installed.set()
-                node._view_installed = trio.Event()
-            await trio.sleep(3)
-            assert "k" not in await converged(cluster, [1, 2, 3])
-            await put(on_2, "k", "v2", meta)  # a write after the delete brings it back
-            assert (await converged(cluster, [1, 2, 3]))["k"] == "v2"
+    async with (
+        open_cluster({"S": 3}) as cluster,
+        cluster.client(1) as on_1,
+        cluster.client(2) as on_2,
+    ):
+        await put(on_1, "k", "v1")
+        await converged(cluster, [1, 2, 3])
+        cluster.network.isolate(cluster.addresses[1])
+        r = await on_1.request("DELETE", "/data/k")
+        assert r.status_code == 200
+        meta = r.json()["causal-metadata"]
+        assert (await get(on_1, "k")).status_code == 404
+        assert (await get(on_2, "k")).json()["value"] == "v1"  # not there yet
+        cluster.network.heal()
+        assert "k" not in await converged(cluster, [1, 2, 3])
+        r = await get(on_2, "k", meta)
+        assert r.status_code == 404
+        assert (await on_2.request("DELETE", "/data/k")).status_code == 404
+        # an old version arriving again changes nothing (anti-entropy re-ships it)
+        for node in cluster.nodes.values():
+            node.replica.install_view(node.replica.view)  # forces a full re-exchange
+            node._view_installed.set()
+            node._view_installed = trio.Event()
+        await trio.sleep(3)
+        assert "k" not in await converged(cluster, [1, 2, 3])
+        await put(on_2, "k", "v2", meta)  # a write after the delete brings it back
+        assert (await converged(cluster, [1, 2, 3]))["k"] == "v2"
 
 
 async def test_delete_of_a_missing_key_is_404(autojump_clock):
@@ -184,7 +190,7 @@ async def test_cross_shard_causality_through_forwarding(autojump_clock):
     async with open_cluster({"A": 2, "B": 2}) as cluster:
         ka = keys_of(cluster, "A")[0]
         kb = keys_of(cluster, "B")[0]
-        n1, n2, n3, n4 = cluster.address_of(1, 2, 3, 4)
+        _n1, n2, _n3, _n4 = cluster.address_of(1, 2, 3, 4)
         # replica 2 of shard A is cut from everyone but clients
         cluster.network.isolate(n2)
         async with cluster.client(3) as on_3, cluster.client(4) as on_4, \

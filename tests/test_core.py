@@ -53,7 +53,9 @@ def test_clock_is_strictly_monotonic_and_above_floors(steps):
 
 
 writes = st.lists(
-    st.tuples(st.sampled_from(["a", "b", "c"]), versions, st.one_of(st.none(), st.text(max_size=3))),
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]), versions, st.one_of(st.none(), st.text(max_size=3))
+    ),
     max_size=12,
 )
 

@@ -32,13 +32,13 @@ def entry_to_wire(key: str, e: Entry) -> list[Any]:
     return [key, e.value, e.version.hlc, e.version.node, deps_to_wire(e.deps) if e.deps else None]
 
 
-def entry_from_wire(raw: Any, source: str) -> tuple[str, Entry]:
+def entry_from_wire(raw: Any) -> tuple[str, Entry]:
     try:
         key, value, hlc, node, deps = raw
         if not isinstance(key, str) or not (value is None or isinstance(value, str)):
             raise TypeError
         parsed: Deps = deps_from_wire(deps) if deps else {}
-        return key, Entry(Version(int(hlc), int(node)), value, parsed, source=source)
+        return key, Entry(Version(int(hlc), int(node)), value, parsed)
     except (TypeError, ValueError) as exc:
         raise WireError("malformed entry") from exc
 
@@ -71,14 +71,13 @@ class SyncBatch:
     @classmethod
     def from_wire(cls, raw: Any) -> SyncBatch:
         try:
-            origin = str(raw["origin"])
             return cls(
                 sender=int(raw["sender"]),
-                origin=origin,
+                origin=str(raw["origin"]),
                 view_id=str(raw["view_id"]),
                 after=int(raw["after"]),
                 upto=int(raw["upto"]),
-                entries=[entry_from_wire(e, origin) for e in raw["entries"]],
+                entries=[entry_from_wire(e) for e in raw["entries"]],
                 seen={str(k): int(v) for k, v in raw["seen"].items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -112,4 +111,4 @@ def entries_to_wire(entries: list[tuple[str, Entry]]) -> list[list[Any]]:
 def entries_from_wire(raw: Any) -> list[tuple[str, Entry]]:
     if not isinstance(raw, list):
         raise WireError("entries must be a list")
-    return [entry_from_wire(e, "") for e in raw]
+    return [entry_from_wire(e) for e in raw]

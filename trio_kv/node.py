@@ -213,6 +213,15 @@ class Node:
             if hops >= cfg.max_hops:
                 return error(503, "request forwarded too many times; views disagree", deps)
             return await self._forward(method, key, deps, value, hops, deadline)
+        if (
+            method != "PUT"
+            and replica.awaiting_handoff(key)
+            and not await self._wait_for(lambda: not replica.awaiting_handoff(key), deadline)
+        ):
+            return error(
+                503, "this key's data is still being handed off by its previous owners, "
+                "which are unreachable; try again", deps,
+            )
         if key is None:
             ok = await self._wait_for(lambda: not replica.unmet_in_shard(deps), deadline)
             if not ok:
@@ -344,7 +353,7 @@ class Node:
                     for source in list(self._pending_pulls.values()):
                         nursery.start_soon(self._pull, source, new)
                     nursery.start_soon(self._hand_off, new)
-            self.replica.install_view(new)
+            self.replica.install_view(new, awaiting=self._pending_pulls)
             self.epoch += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
@@ -389,9 +398,19 @@ class Node:
             if not nxt:
                 break
             cursor = str(nxt)
-        self._pending_pulls.pop(source.id, None)
-        if source.id in self.progress.pulls_pending:
-            self.progress.pulls_pending.remove(source.id)
+        self._pull_done(source.id)
+
+    def _pull_done(self, member: int) -> None:
+        """One member of an old shard handed everything over: the others need not."""
+        prev = self.replica.view if self.progress.state == "changing" else self.replica.prev_view
+        shard = prev.shard_of(member) if prev else None
+        done = [m for m in self._pending_pulls if prev and prev.shard_of(m) == shard]
+        for m in done or [member]:
+            self._pending_pulls.pop(m, None)
+            if m in self.progress.pulls_pending:
+                self.progress.pulls_pending.remove(m)
+        self.replica.handoff_received(member)
+        self._notify()
 
     def on_pull(self, raw: Any) -> dict[str, Any]:
         try:

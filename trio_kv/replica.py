@@ -46,6 +46,8 @@ class Replica:
         self.seen: dict[str, int] = {}  # origin -> how far we merged that origin's stream
         self.claims: dict[int, int] = {}  # peer id -> how far that peer merged OUR stream
         self.peer_origin: dict[int, str] = {}
+        self.prev_view: View | None = None
+        self.handoff_pending: set[str] = set()  # old shards no member of which has handed off
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
@@ -155,7 +157,7 @@ class Replica:
             return SyncReply(self.origin, view_id, 0, accepted=False), []
         self.claims[batch.sender] = batch.seen.get(self.origin, 0)
         self.peer_origin[batch.sender] = batch.origin
-        changed = self.merge(batch.entries, own_only=True)
+        changed = self.merge(batch.entries, source=batch.origin, own_only=True)
         if batch.after <= self.seen.get(batch.origin, 0) < batch.upto:
             self.seen[batch.origin] = batch.upto
         return SyncReply(self.origin, view_id, self.seen.get(batch.origin, 0), True), changed
@@ -165,23 +167,43 @@ class Replica:
             self.claims[peer_id] = reply.seen
             self.peer_origin[peer_id] = reply.origin
 
-    def merge(self, entries: Iterable[tuple[str, Entry]], own_only: bool = False) -> list[str]:
+    def merge(
+        self, entries: Iterable[tuple[str, Entry]], source: str = "", own_only: bool = False
+    ) -> list[str]:
+        """Last-writer-wins merge of received versions (copied: the store owns its entries)."""
         changed = []
         for key, entry in entries:
             if own_only and not self.owns(key):
                 continue
             self.clock.observe(entry.version.hlc)
-            if self.store.put(key, entry):
+            if self.store.put(key, Entry(entry.version, entry.value, entry.deps, source=source)):
                 changed.append(key)
         return changed
 
     # ----------------------------------------------------------------- view change
-    def install_view(self, view: View) -> None:
-        """Serve ``view`` from now on.
+    def awaiting_handoff(self, key: str | None) -> bool:
+        """True while ``key`` (any key, for None) came from an old shard none of whose members
+        has handed it over yet: answering from here could miss writes, even stable ones."""
+        if not self.handoff_pending or self.prev_view is None:
+            return False
+        if key is None:
+            return True
+        return self.prev_view.shard_for(key) in self.handoff_pending
+
+    def handoff_received(self, old_member: int) -> None:
+        if self.prev_view is not None:
+            self.handoff_pending.discard(self.prev_view.shard_of(old_member) or "")
+
+    def install_view(self, view: View, awaiting: Iterable[int] = ()) -> None:
+        """Serve ``view`` from now on; ``awaiting`` are old owners we could not pull from.
 
         Every stream summary is reset (DESIGN invariant 5): claims about what a peer holds were
         made for the old keyspace, so they are re-earned by a full exchange under the new one.
         """
+        old = self.view
+        if old is not None and old.view_id != view.view_id:
+            self.prev_view = old
+            self.handoff_pending = {old.shard_of(m) or "" for m in awaiting} - {""}
         self.view = view
         self.shard = view.shard_of(self.node_id)
         self.peers = [m for m in view.shards.get(self.shard or "", ()) if m.id != self.node_id]

@@ -30,6 +30,12 @@ class Entry:
         return len(self.value or "") + 64
 
 
+def _rank(entry: Entry) -> tuple[Version, bool, str]:
+    """Total conflict order: the version, then (for equal versions, which only a reused write
+    id could produce) the value, so every replica still picks the same winner."""
+    return entry.version, entry.value is not None, entry.value or ""
+
+
 class Store:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
@@ -57,9 +63,7 @@ class Store:
         """Install ``entry`` if it wins over the current one (last writer wins); True if it did."""
         current = self.entries.get(key)
         if current is not None:
-            if entry.version < current.version or (
-                entry.version == current.version and (entry.value or "") <= (current.value or "")
-            ):
+            if _rank(entry) <= _rank(current):
                 return False
             self.live_bytes -= current.size
             self._stream.pop(current.seq, None)

@@ -1,0 +1,258 @@
+"""View changes under client traffic (in-process, autojump clock): nothing acknowledged is
+lost, shards partition the key set exactly, and tokens from before a change stay valid."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import httpx
+import trio
+
+from trio_kv.config import Config
+from trio_kv.testing import Cluster, add_node, open_cluster
+
+from .helpers import get, keys_of, put
+
+
+class Traffic:
+    """One sequential client writing (and overwriting) keys through the given nodes."""
+
+    def __init__(self, cluster: Cluster, node_ids: list[int], keyspace: int = 200) -> None:
+        self.cluster = cluster
+        self.node_ids = node_ids
+        self.keyspace = keyspace
+        self.acked: dict[str, str] = {}
+        self.meta: dict[str, Any] = {}
+        self.writes = 0
+
+    async def run(self, stop: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        rnd = random.Random(7)
+        clients = {i: self.cluster.client(i) for i in self.node_ids}
+        task_status.started()
+        try:
+            while not stop.is_set():
+                n = self.writes
+                self.writes += 1
+                key, value = f"t{n % self.keyspace}", f"v{n}"
+                c = clients[rnd.choice(self.node_ids)]
+                r = await c.put(f"/data/{key}", json={"value": value, "causal-metadata": self.meta})
+                if r.status_code == 200:
+                    self.acked[key] = value
+                    self.meta = r.json()["causal-metadata"]
+                await trio.sleep(0.01)
+        finally:
+            for c in clients.values():
+                await c.aclose()
+
+
+async def preload(cluster: Cluster, count: int, via: int = 1) -> tuple[dict[str, str], dict]:
+    data = {f"p{i}": f"pre{i}" for i in range(count)}
+    meta: dict = {}
+    async with cluster.client(via) as c:
+        for k, v in data.items():
+            meta = await put(c, k, v, meta)
+    return data, meta
+
+
+async def check(cluster: Cluster, expected: dict[str, str], meta: dict) -> None:
+    """Every expected key reads back its value from every node of the view (with the token),
+    and the shards' GET /data lists partition the key set exactly."""
+    members = [i for ids in cluster.shards.values() for i in ids]
+    for i in members:
+        async with cluster.client(i) as c:
+            for key, value in expected.items():
+                r = await get(c, key, meta)
+                assert r.status_code == 200, (i, key, r.text)
+                assert r.json()["value"] == value, (i, key)
+    seen: dict[str, str] = {}
+    for _, ids in cluster.shards.items():
+        async with cluster.client(ids[0]) as c:
+            r = await c.request("GET", "/data", json={"causal-metadata": meta})
+            assert r.status_code == 200
+            shard_items = r.json()["items"]
+        assert not set(shard_items) & set(seen), "a key is listed by two shards"
+        seen.update(shard_items)
+    assert seen == expected
+
+
+async def change_under_traffic(
+    cluster: Cluster, new: dict[str, list[int]], expected: dict[str, str], traffic_nodes: list[int]
+) -> Traffic:
+    traffic = Traffic(cluster, traffic_nodes)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(traffic.run, stop)
+        await trio.sleep(0.5)
+        await cluster.put_view(new, to=list(cluster.nodes))
+        await trio.sleep(0.5)
+        stop.set()
+    assert traffic.writes > 20 and len(traffic.acked) > 10
+    expected.update(traffic.acked)
+    return traffic
+
+
+async def test_grow_1_2_4_and_shrink_back_under_traffic(autojump_clock):
+    async with open_cluster({"A": 2}, spare=6) as cluster:
+        expected, old_meta = await preload(cluster, 300)
+        shapes = [
+            {"A": [1, 2], "B": [3, 4]},
+            {"A": [1, 2], "B": [3, 4], "C": [5, 6], "D": [7, 8]},
+            {"A": [1, 2], "B": [3, 4]},
+            {"A": [1, 2]},
+        ]
+        meta = old_meta
+        for shape in shapes:
+            traffic = await change_under_traffic(cluster, shape, expected, [1, 2])
+            from trio_kv.metadata import merge_deps, parse_metadata, render_metadata
+
+            meta = render_metadata(merge_deps(parse_metadata(meta), parse_metadata(traffic.meta)))
+            await check(cluster, expected, meta)
+            # the token from before any change still gets causal reads
+            async with cluster.client(shape["A"][0]) as c:
+                assert (await get(c, "p0", old_meta)).json()["value"] == "pre0"
+
+
+async def test_merge_two_shards_and_move_a_node(autojump_clock):
+    async with open_cluster({"A": 2, "B": 2, "C": 2}) as cluster:
+        expected, _meta = await preload(cluster, 300)
+        await change_under_traffic(cluster, {"A": [1, 2, 3, 4], "C": [5, 6]}, expected, [1, 5])
+        await check(cluster, expected, {})
+        # node 4 moves from A to C
+        await change_under_traffic(cluster, {"A": [1, 2, 3], "C": [4, 5, 6]}, expected, [1, 5])
+        await check(cluster, expected, {})
+        assert cluster.nodes[4].replica.shard == "C"
+        c_keys = {k for k in expected if cluster.nodes[4].replica.view.shard_for(k) == "C"}
+        assert set(cluster.nodes[4].replica.store.entries) == c_keys
+
+
+async def test_replace_every_node(autojump_clock):
+    async with open_cluster({"A": 2, "B": 2}, spare=4) as cluster:
+        expected, _meta = await preload(cluster, 300)
+        await change_under_traffic(cluster, {"X": [5, 6], "Y": [7, 8]}, expected, [5, 7])
+        await check(cluster, expected, {})
+        for old in (1, 2, 3, 4):
+            async with cluster.client(old) as c:
+                assert (await c.get("/data/p1")).status_code == 503
+            assert len(cluster.nodes[old].replica.store) == 0, "removed nodes hand off all"
+
+
+async def test_same_view_twice_moves_nothing(autojump_clock):
+    async with open_cluster({"A": 2, "B": 2}) as cluster:
+        await preload(cluster, 100)
+        before = {i: n.progress.keys_sent for i, n in cluster.nodes.items()}
+        await cluster.put_view()
+        assert {i: n.progress.keys_sent for i, n in cluster.nodes.items()} == before
+
+
+async def test_progress_is_reported(autojump_clock):
+    async with open_cluster({"A": 2}, spare=2) as cluster:
+        await preload(cluster, 200)
+        await cluster.put_view({"A": [1, 2], "B": [3, 4]}, to=list(cluster.nodes))
+        async with cluster.client(1) as c:
+            change = (await c.get("/view")).json()["change"]
+        assert change["state"] == "idle" and change["keys_sent"] > 0
+        assert change["keys_remaining"] == 0 and change["peers_pending"] == []
+
+
+async def test_receiver_cut_mid_transfer_loses_nothing(autojump_clock):
+    config = dataclasses.replace(Config(), handoff_batch_entries=20)
+    async with open_cluster({"A": 2}, spare=2, config=config) as cluster:
+        expected, meta = await preload(cluster, 300)
+        new = {"A": [1, 2], "B": [3, 4]}
+        cluster.network.delays = {a: 0.05 for a in cluster.addresses.values()}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cluster.put_view, new, [1, 2, 3, 4])
+            await trio.sleep(0.3)
+            assert 0 < cluster.nodes[1].progress.keys_sent < 150, "mid-transfer"
+            cluster.network.isolate(cluster.addresses[4])  # a receiver vanishes mid-transfer
+            await trio.sleep(20)
+            status = cluster.nodes[1].view_status()["change"]
+            assert status["state"] in ("changing", "pending")
+            cluster.network.heal()
+        with trio.fail_after(30):
+            while any(n.progress.state != "idle" for n in cluster.nodes.values()):
+                await trio.sleep(0.5)
+        await check(cluster, expected, meta)
+
+
+async def test_sender_cut_mid_transfer_loses_nothing(autojump_clock):
+    config = dataclasses.replace(Config(), handoff_batch_entries=20)
+    async with open_cluster({"A": 2, "B": 2}, config=config) as cluster:
+        expected, meta = await preload(cluster, 300)
+        cluster.network.delays = {a: 0.05 for a in cluster.addresses.values()}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cluster.put_view, {"A": [1, 2, 3, 4]}, [1, 2, 3, 4])
+            await trio.sleep(0.3)
+            assert 0 < cluster.nodes[1].progress.keys_received < 150, "mid-transfer"
+            cluster.network.isolate(cluster.addresses[3])  # an old owner of B's keys
+            await trio.sleep(20)
+            cluster.network.heal()
+        with trio.fail_after(30):
+            while any(n.progress.state != "idle" for n in cluster.nodes.values()):
+                await trio.sleep(0.5)
+        await check(cluster, expected, meta)
+
+
+async def test_node_that_misses_the_view_hands_off_when_it_learns_it(autojump_clock):
+    async with open_cluster({"A": 2, "B": 1}) as cluster:
+        kb = keys_of(cluster, "B", 50, prefix="b")
+        async with cluster.client(3) as c:
+            meta: dict = {}
+            for k in kb:
+                meta = await put(c, k, "only-on-3", meta)
+        expected, _ = await preload(cluster, 100)
+        expected.update({k: "only-on-3" for k in kb})
+        # node 3 is unreachable while 1 and 2 take over B's keys
+        cluster.network.isolate(cluster.addresses[3])
+        with trio.fail_after(30):
+            await cluster.put_view({"A": [1, 2]}, to=[1, 2])
+        async with cluster.client(1) as c:
+            status = (await c.get("/view")).json()["change"]
+            assert status["state"] == "pending" and status["pulls_pending"] == [3]
+            # its keys are not lost; they are unreachable, so causal reads wait, not lie
+            assert (await get(c, kb[0], meta)).status_code == 503
+        cluster.network.heal()
+        # it comes back, pulls complete in the background; later it also learns the view
+        with trio.fail_after(30):
+            while cluster.nodes[1].progress.state != "idle":
+                await trio.sleep(0.5)
+        await cluster.put_view({"A": [1, 2]}, to=[3])
+        cluster.shards = {"A": [1, 2]}
+        await check(cluster, expected, meta)
+
+
+async def test_views_in_any_order_never_lose_or_loop(autojump_clock):
+    async with open_cluster({"A": 2}, spare=2) as cluster:
+        expected, meta = await preload(cluster, 200)
+        new = {"A": [1, 2], "B": [3, 4]}
+        # node 3 learns first, node 1 last; traffic flows through every node meanwhile
+        traffic = Traffic(cluster, [1, 2, 3, 4])
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(traffic.run, stop)
+            for i in (3, 4, 2, 1):
+                await cluster.put_view(new, to=[i])
+                await trio.sleep(1)
+            await trio.sleep(1)
+            stop.set()
+        expected.update(traffic.acked)
+        cluster.shards = new
+        await check(cluster, expected, meta)
+
+
+async def test_added_node_with_no_view_accepts_handoff(autojump_clock):
+    async with open_cluster({"A": 1}) as cluster:
+        expected, meta = await preload(cluster, 100)
+        async with trio.open_nursery() as nursery:
+            add_node(cluster, nursery, 9, Config())
+            await cluster.nodes[9].started.wait()
+            await cluster.put_view({"A": [1], "B": [9]}, to=[1])  # 9 has no view yet
+            assert len(cluster.nodes[9].replica.store) > 0
+            await cluster.put_view({"A": [1], "B": [9]}, to=[9])
+            await check(cluster, expected, meta)
+            nursery.cancel_scope.cancel()
+
+
+_ = httpx
