@@ -100,8 +100,8 @@ def package(frame: str) -> str:
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("json", ("json/", "orjson")),
     ("logging", ("logging/",)),
-    ("peer client (httpx/httpcore)", ("httpx/", "httpcore/")),
-    ("server (hypercorn/h11)", ("hypercorn/", "h11/")),
+    ("peer-client", ("httpx/", "httpcore/")),
+    ("server", ("hypercorn/", "h11/")),
     ("starlette", ("starlette/",)),
     ("trio_kv", ("trio_kv/",)),
 )
@@ -113,11 +113,12 @@ def _is_entry(frame: str) -> bool:
 
 
 def layers(stacks: list[tuple[list[str], int]]) -> list[tuple[str, float]]:
-    """Share of samples per layer; `trio runtime` when no layer frame is on the stack."""
+    """Share of samples per layer: server = hypercorn/h11, peer-client = httpx/httpcore,
+    trio-only = trio's scheduler and IO loop with no other layer on the stack."""
     total = sum(n for _, n in stacks) or 1
     c: Counter[str] = Counter()
     for frames, n in stacks:
-        who = "trio runtime (scheduler, no caller above)"
+        who = "trio-only"  # scheduler/IO loop with no layer frame above it
         for f in reversed(frames):
             if _is_entry(f):
                 continue

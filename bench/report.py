@@ -32,11 +32,14 @@ def _cells(r: Row) -> list[str]:
 
 
 def grouped(rows: list[Row]) -> list[Row]:
-    """Rows grouped by section, sections in order of first appearance (stable within)."""
-    order: dict[str, int] = {}
-    for r in rows:
-        order.setdefault(r.section, len(order))
-    return sorted(rows, key=lambda r: order[r.section])
+    """Rows grouped by section number ("0 ceiling" ... "8 profile"; FAILED rows of a scenario
+    without a number last), stable within a section."""
+
+    def key(r: Row) -> int:
+        head = r.section.split(" ", 1)[0]
+        return int(head) if head.isdigit() else 99
+
+    return sorted(rows, key=key)
 
 
 def text_table(rows: list[Row]) -> str:

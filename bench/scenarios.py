@@ -602,7 +602,8 @@ async def profile_node(
                 ctx.row("8 profile", f"{where} self", fn, pct(share))
             for fn, share in prof["trio_kv_inclusive"][:4]:
                 ctx.row("8 profile", f"{where} trio_kv incl.", fn, pct(share))
-            pk = ", ".join(f"{m} {pct(v)}" for m, v in prof["by_package"][:6])
+            top = prof["by_package"][:6]
+            pk = ", ".join(f"{m.removeprefix('stdlib:')} {pct(v)}" for m, v in top)
             ctx.row("8 profile", f"{where} self by package", pk, f"{prof['samples']} samples")
             lay = ", ".join(f"{m} {pct(v)}" for m, v in prof["layers"] if v >= 0.005)
             ctx.row("8 profile", f"{where} by layer", lay)
