@@ -145,6 +145,13 @@ def start_ceiling(port: int, python: str, logdir: Path) -> Proc:
     return Proc("ceiling", 0, port, _spawn("ceiling", argv, env, log, None), log)
 
 
+def start_fixed(port: int, python: str, logdir: Path) -> Proc:
+    """Start the fixed-reply server that shows wrk's own capacity (fixed_reply.py)."""
+    argv = [python, str(BENCH_DIR / "fixed_reply.py"), "--port", str(port)]
+    log = logdir / f"fixed-{port}.log"
+    return Proc("fixed", 0, port, _spawn("fixed", argv, dict(os.environ), log, None), log)
+
+
 async def wait_ready(procs: list[Proc], timeout: float = 20.0) -> None:
     """Wait until every process answers GET /ping 200; raise with its log tail if one dies."""
     deadline = time.monotonic() + timeout
