@@ -1,0 +1,82 @@
+"""The chaos tool's local backend: real node processes on 127.0.0.1, no root needed.
+
+This is what ``devenv.py`` runs by default, so it is tested everywhere, root or not.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chaos.client import KVClient
+from chaos.cluster import Cluster
+from chaos.local import port_free
+from chaos.util import Unsupported, process_has_marker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_base_port(n: int) -> int:
+    """A run of n free loopback ports (random, so parallel runs rarely collide)."""
+    for _ in range(50):
+        base = random.randrange(20000, 40000)
+        if all(port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+def test_local_cluster_serves_survives_kill_and_cleans_up(tmp_path: Path) -> None:
+    cluster = Cluster.up(3, 1, backend="local", prefix="tkvl", state_dir=tmp_path,
+                         base_port=free_base_port(3), env={"KV_LOG_LEVEL": "warning"})
+    try:
+        urls = [n.url for n in cluster.nodes]
+        assert all(n.host == "127.0.0.1" for n in cluster.nodes)
+        with KVClient("c") as client:
+            assert client.put(urls[0], "hello", "world").status == 200
+            assert client.get(urls[2], "hello").value == "world"
+            cluster.kill(2)
+            assert not cluster.backend.alive(cluster.node(2))
+            cluster.restart(2)
+            assert client.get(urls[1], "hello").value == "world"
+        with pytest.raises(Unsupported, match="needs a network"):
+            cluster.partition([1], [2, 3])
+        with pytest.raises(Unsupported):
+            cluster.delay(1, 100)
+        # a second process sees the same cluster through the state file
+        status = subprocess.run([sys.executable, "-m", "chaos", "--prefix", "tkvl",
+                                 "--state-dir", str(tmp_path), "status"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count(" up") == 3
+        refused = subprocess.run([sys.executable, "-m", "chaos", "--prefix", "tkvl",
+                                  "--state-dir", str(tmp_path), "partition", "1", "/", "2"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "--backend netns" in refused.stderr
+    finally:
+        pids = [n.pid for n in cluster.nodes]
+        cluster.down()
+    assert not any(pid and process_has_marker(pid, f"tkvl:n{i}")
+                   for i, pid in enumerate(pids, 1))
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{urls[0]}/ping", timeout=1)
+    assert not (tmp_path / "tkvl" / "state.json").exists()
+
+
+def test_up_again_removes_leftovers(tmp_path: Path) -> None:
+    """A second ``up`` of the same prefix first kills what the first one left running."""
+    base = free_base_port(2)
+    first = Cluster.up(2, 1, backend="local", prefix="tkvl", state_dir=tmp_path,
+                       base_port=base, env={"KV_LOG_LEVEL": "warning"})
+    old = [(n.id, n.pid) for n in first.nodes]
+    second = Cluster.up(2, 1, backend="local", prefix="tkvl", state_dir=tmp_path,
+                        base_port=base, env={"KV_LOG_LEVEL": "warning"})
+    try:
+        assert not any(pid and process_has_marker(pid, f"tkvl:n{i}") for i, pid in old)
+        assert all(second.backend.alive(n) for n in second.nodes)
+    finally:
+        second.down()
