@@ -22,6 +22,7 @@ from procs import Proc
 
 CHAIN = "TRIOKV_BENCH"
 PART = "TRIOKV_PART"
+PEER = "TRIOKV_PEER"
 
 
 def available() -> tuple[bool, str]:
@@ -87,6 +88,42 @@ class ByteCounter:
         _drop_chain(CHAIN)
 
 
+class PeerCounter:
+    """Node-to-node requests only: packets that node processes (by gid) send to node ports.
+
+    Counts data segments (PSH set: about one per request write on loopback) and their bytes,
+    so a load run can report peer requests per client request (replication batching,
+    forwarding). Responses to peers are not separable from responses to clients by port,
+    so they are left out.
+    """
+
+    def __init__(self, nodes: list[Proc]) -> None:
+        gids = [p.gid for p in nodes if p.gid is not None]
+        if len(gids) != len(nodes):
+            raise RuntimeError("nodes were not started with their own gid")
+        self.ports = {p.name: p.port for p in nodes}
+        rng = f"{min(gids)}-{max(gids)}"
+        _drop_chain(PEER)
+        _ensure_chain(PEER)
+        for port in self.ports.values():
+            _ipt("-A", PEER, "-o", "lo", "-p", "tcp", "--dport", str(port), "-m", "owner",
+                 "--gid-owner", rng, "--tcp-flags", "PSH", "PSH")  # fmt: skip
+
+    def read(self) -> tuple[int, int]:
+        """(data segments, bytes) sent between nodes so far."""
+        out = _ipt("-n", "-v", "-x", "-L", PEER).stdout
+        pk = by = 0
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[0].isdigit():
+                pk += int(parts[0])
+                by += int(parts[1])
+        return pk, by
+
+    def close(self) -> None:
+        _drop_chain(PEER)
+
+
 class Partition:
     """Cut traffic between two groups of nodes in both directions (loopback, by gid owner)."""
 
@@ -135,3 +172,4 @@ def cleanup() -> None:
     if os.geteuid() == 0 and shutil.which("iptables"):
         _drop_chain(CHAIN)
         _drop_chain(PART)
+        _drop_chain(PEER)

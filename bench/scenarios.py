@@ -42,6 +42,7 @@ class Ctx:
     single: dict[str, wrk.WrkResult] = field(default_factory=dict)
     profile: bool = False
     ceiling_proc: procs.Proc | None = None
+    peers: netctl.PeerCounter | None = None  # set while a multi-node topology is driven
     paired: bool = True  # single_node runs too: measure the ceiling right before each node run
     retries: int = 6  # re-runs left for the whole suite when other processes disturb a run
 
@@ -94,6 +95,9 @@ def _load_row(
     res = f"{rps(r.rps)}  p50 {ms(r.p50_ms)} p99 {ms(r.p99_ms)}  wrk {r.wrk_cpu:.0%} {cpu}"
     if r.other_cpu >= 0.05:
         res += f"  other {r.other_cpu:.0%}" + (" NOISY" if r.other_cpu > NOISE else "")
+    if r.peer_msgs >= 0 and r.requests:
+        n = r.requests
+        res += f"  peer {r.peer_msgs / n:.2f} msg/req {r.peer_bytes / n:,.0f} B/req"
     if bad:
         res += f"  ERR {bad}"
     lat, lat_ok = _lat_ok(r)
@@ -130,7 +134,16 @@ async def drive(
         "seed": str(random.randrange(1 << 20)),
     }
     dur = duration or ctx.duration
-    best = await wrk.run(target, dur, ctx.conns, args, servers=servers)
+
+    async def once() -> wrk.WrkResult:
+        before = ctx.peers.read() if ctx.peers else None
+        r = await wrk.run(target, dur, ctx.conns, args, servers=servers)
+        if ctx.peers and before:
+            after = ctx.peers.read()
+            r.peer_msgs, r.peer_bytes = after[0] - before[0], after[1] - before[1]
+        return r
+
+    best = await once()
     for _ in range(2):
         if not retry or best.other_cpu <= NOISE or ctx.retries <= 0:
             break
@@ -140,7 +153,7 @@ async def drive(
             f"    other processes used {best.other_cpu:.0%} of a core: re-running "
             f"(waited {waited:.1f} s for quiet)"
         )
-        r = await wrk.run(target, dur, ctx.conns, args, servers=servers)
+        r = await once()
         if r.other_cpu < best.other_cpu:
             best = r
     return best
@@ -223,6 +236,8 @@ async def topology(ctx: Ctx, shards: int, replicas: int) -> None:
     c = await Cluster.start(ctx.settings, shards * replicas)
     name = f"{shards}x{replicas}"
     results: list[dict[str, Any]] = []
+    if netctl.available()[0]:
+        ctx.peers = netctl.PeerCounter(c.nodes)
     try:
         await c.set_view(c.layout(shards, replicas))
         target = c.nodes[0]
@@ -255,6 +270,9 @@ async def topology(ctx: Ctx, shards: int, replicas: int) -> None:
             await metadata_growth(ctx, c)
     finally:
         ctx.data.setdefault("throughput", []).extend(results)
+        if ctx.peers:
+            ctx.peers.close()
+            ctx.peers = None
         c.stop()
 
 

@@ -40,6 +40,8 @@ class WrkResult:
     wrk_cpu: float
     server_cpu: dict[str, float] = field(default_factory=dict)
     other_cpu: float = 0.0
+    peer_msgs: int = -1  # node-to-node data segments during the run (-1: not counted)
+    peer_bytes: int = -1
     args: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
