@@ -277,9 +277,27 @@ class Cluster:
         tmp.write_text(self.state.to_json())
         tmp.replace(self.workdir / "state.json")
 
+    def _reload(self) -> None:
+        """Adopt the state on disk: another process (a CLI verb) may have changed it."""
+        path = self.workdir / "state.json"
+        if path.exists():
+            self.state = State.from_json(path.read_text())
+            self.backend.state = self.state
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        """One verb: hold the cluster lock, start from the state on disk, save at the end."""
+        with _locked(self.state_dir, self.state.prefix):
+            self._reload()
+            try:
+                yield
+            finally:
+                self.save()
+
     def down(self) -> None:
         """Stop every node and remove everything this cluster created."""
         with _locked(self.state_dir, self.state.prefix):
+            self._reload()
             self._teardown()
 
     def _teardown(self) -> None:
@@ -374,8 +392,7 @@ class Cluster:
         if not self.backend.has_network:
             raise self.backend.no_network(verb)
 
-    def _set_cuts(self, cuts: set[tuple[int, int]], verb: str) -> None:
-        self._require_network(verb)
+    def _set_cuts(self, cuts: set[tuple[int, int]]) -> None:
         touched = {i for c in set(self.state.cuts) ^ cuts for i in c}
         self.state.cuts = sorted(cuts)
         self.save()
@@ -397,6 +414,11 @@ class Cluster:
         everyone.  With ``oneway``, only packets from an earlier group to a later one are
         dropped (an asymmetric partition).  Clients on the host still reach every node.
         """
+        self._require_network("partition")
+        with self._txn():
+            self._partition(groups, oneway)
+
+    def _partition(self, groups: Sequence[Sequence[int]], oneway: bool) -> None:
         if len(groups) < 2:
             raise ChaosError("a partition needs at least two groups, e.g. `partition 1,2 / 3`")
         seen: set[int] = set()
@@ -412,54 +434,57 @@ class Cluster:
                 if gi == gj or (oneway and gj < gi):
                     continue
                 cuts.update((a, b) for a in group for b in other)
-        self._set_cuts(cuts, "partition")
+        self._set_cuts(cuts)
 
     def isolate(self, node_id: int) -> None:
         """Cut one node off from every other node (clients can still reach it)."""
-        others = [n.id for n in self.nodes if n.id != node_id]
-        self.node(node_id)
-        if not others:
-            raise ChaosError("nothing to isolate a single node from")
-        self.partition([node_id], others)
+        self._require_network("isolate")
+        with self._txn():
+            self.node(node_id)
+            others = [n.id for n in self.nodes if n.id != node_id]
+            if not others:
+                raise ChaosError("nothing to isolate a single node from")
+            self._partition([[node_id], others], oneway=False)
 
     def heal(self) -> None:
         """Remove every cut and every delay: the network is whole again."""
         self._require_network("heal")
-        touched = {i for c in self.state.cuts for i in c} | set(self.state.delays)
-        self.state.cuts = []
-        self.state.delays = {}
-        self.save()
-        self._apply(touched)
+        with self._txn():
+            touched = {i for c in self.state.cuts for i in c} | set(self.state.delays)
+            self.state.cuts = []
+            self.state.delays = {}
+            self.save()
+            self._apply(touched)
 
     def delay(self, node_id: int, ms: float) -> None:
         """Add ``ms`` of latency to everything the node sends (0 removes it)."""
         self._require_network("delay")
         if ms < 0:
             raise ChaosError("delay must be >= 0 ms")
-        self.node(node_id)
-        if ms:
-            self.state.delays[node_id] = float(ms)
-        else:
-            self.state.delays.pop(node_id, None)
-        self.save()
-        self._apply([node_id])
+        with self._txn():
+            self.node(node_id)
+            if ms:
+                self.state.delays[node_id] = float(ms)
+            else:
+                self.state.delays.pop(node_id, None)
+            self.save()
+            self._apply([node_id])
 
     def kill(self, node_id: int) -> None:
         """SIGKILL a node (its container/process stays dead until :meth:`restart`)."""
-        node = self.node(node_id)
-        self.backend.kill(node)
-        self.save()
+        with self._txn():
+            self.backend.kill(self.node(node_id))
 
     def restart(self, node_id: int, send_view: bool = True) -> None:
         """Start a node again (killing it first if alive), reapply its faults, resend the view."""
-        node = self.node(node_id)
-        if self.backend.alive(node):
-            self.backend.kill(node)
-        self.backend.start(node)
-        self.save()
-        if self.backend.has_network:
-            self.backend.apply_network(node)
+        with self._txn():
+            node = self.node(node_id)
+            if self.backend.alive(node):
+                self.backend.kill(node)
+            self.backend.start(node)
             self.save()
+            if self.backend.has_network:
+                self.backend.apply_network(node)
         self.wait_ready([node_id])
         if send_view:
             self.send_view([node_id])

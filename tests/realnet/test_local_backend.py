@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from chaos.client import KVClient
-from chaos.cluster import Cluster
+from chaos.cluster import Cluster, State
 from chaos.local import port_free
 from chaos.util import Unsupported, process_has_marker
 
@@ -57,8 +57,14 @@ def test_local_cluster_serves_survives_kill_and_cleans_up(tmp_path: Path) -> Non
                                   "--state-dir", str(tmp_path), "partition", "1", "/", "2"],
                                  cwd=REPO, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1 and "--backend netns" in refused.stderr
+        # restart from another process: our down() must kill the new process, not the old
+        restarted = subprocess.run([sys.executable, "-m", "chaos", "--prefix", "tkvl",
+                                    "--state-dir", str(tmp_path), "restart", "3"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=120)
+        assert restarted.returncode == 0, restarted.stderr
     finally:
-        pids = [n.pid for n in cluster.nodes]
+        state = State.from_json((tmp_path / "tkvl" / "state.json").read_text())
+        pids = [n.pid for n in state.nodes]
         cluster.down()
     assert not any(pid and process_has_marker(pid, f"tkvl:n{i}")
                    for i, pid in enumerate(pids, 1))
