@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chaos: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        return 0
 
 
 def _dispatch(args: argparse.Namespace, state_dir: Path) -> int:

@@ -121,7 +121,7 @@ def _pip_settings() -> dict[str, str]:
                  os.path.expanduser("~/.pip/pip.conf")])
     for key, env in (("cert", "PIP_CERT"), ("index-url", "PIP_INDEX_URL"),
                      ("extra-index-url", "PIP_EXTRA_INDEX_URL")):
-        value = os.environ.get(env) or config.get("global", key, fallback="")
+        value = os.environ.get(env) or config.get("global", key, fallback="") or ""
         if key != "cert":  # file:// indexes are host paths: useless inside a build
             value = " ".join(u for u in value.split() if u.startswith(("http://", "https://")))
         if value:
