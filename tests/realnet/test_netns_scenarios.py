@@ -74,6 +74,9 @@ def test_both_sides_of_a_partition_stay_available(netns_cluster: ClusterFactory,
                 assert op.end - op.start < 5, f"slow write during partition: {op}"
                 back = client.get(url, key)
                 assert back.value == f"{key}-{side}", back
+    latencies = sorted(op.end - op.start for op in history)
+    print(f"{len(latencies)} ops during the partition: median {latencies[len(latencies) // 2]:.3f}s"
+          f", max {latencies[-1]:.3f}s")
     cluster.heal()
     elapsed, items = cluster.wait_converged(timeout=10)
     merged = {k: v for node_items in items.values() for k, v in (node_items or {}).items()}
