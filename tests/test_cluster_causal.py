@@ -253,3 +253,26 @@ async def test_forwarded_request_retries_until_partition_heals(autojump_clock):
                 assert await pending(done, 10)
                 cluster.network.heal()
         assert (await converged(cluster, [2]))[kb] == "late"
+
+
+async def test_restarted_empty_replica_never_misses_stable_writes(autojump_clock):
+    from trio_kv.testing import restart_node
+
+    async with open_cluster({"S": 3}) as cluster, cluster.client(1) as on_1:
+        meta = await put(on_1, "x", "1")
+        await converged(cluster, [1, 2, 3])
+        meta = (await get(on_1, "x", meta)).json()["causal-metadata"]
+        assert meta == {}, "stable everywhere: the token no longer mentions x"
+        assert cluster.nursery is not None
+        await restart_node(cluster, cluster.nursery, 3)  # memory lost, new incarnation
+        cluster.network.isolate(cluster.addresses[3])
+        with trio.fail_after(20):
+            await cluster.put_view(to=[3])  # completes, reporting the pull as pending
+        async with cluster.client(3) as on_3:
+            assert (await on_3.get("/view")).json()["change"]["state"] == "pending"
+            r = await get(on_3, "x", meta)
+            assert r.status_code == 503, "must not answer 404 for a write the client saw"
+            cluster.network.heal()
+            r = await get(on_3, "x", meta)
+            assert r.status_code == 200 and r.json()["value"] == "1"
+        assert (await converged(cluster, [1, 2, 3]))["x"] == "1"

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -28,12 +29,14 @@ class Procs:
     def __init__(self, ports: list[int]) -> None:
         self.ports = ports
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.logdir = tempfile.mkdtemp(prefix="trio-kv-procs-")
 
     def start(self, i: int) -> None:
         env = {**os.environ, "NODE_IDENTIFIER": str(i + 1), "KV_WAIT_DEADLINE": "5"}
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "trio_kv", "--host", "127.0.0.1", "--port", str(self.ports[i])],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, stdout=subprocess.DEVNULL,
+            stderr=open(f"{self.logdir}/node{i + 1}.log", "ab"),  # noqa: SIM115
         )
 
     def url(self, i: int) -> str:

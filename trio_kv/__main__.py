@@ -18,6 +18,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=config.log_level.upper(),
         format=f"%(asctime)s node{config.node_id} %(name)s %(levelname)s %(message)s",
     )
+    for noisy in ("httpx", "httpcore"):  # one line per peer request: too costly and too loud
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if config.node_id is None:
         sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
     trio.run(serve, config)

@@ -110,7 +110,8 @@ class Node:
         self._ready.set()
         self._view_installed = trio.Event()
         self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
-        self._pending_pulls: dict[int, Member] = {}
+        self._pending_pulls: dict[int, str] = {}  # old owner id -> the old shard it stands for
+        self._pull_members: dict[int, Member] = {}
         self.started = trio.Event()
 
     # ================================================================ services
@@ -326,8 +327,8 @@ class Node:
                     assert view is not None
                     with trio.move_on_after(cfg.view_change_deadline):
                         async with trio.open_nursery() as nursery:
-                            for source in list(self._pending_pulls.values()):
-                                nursery.start_soon(self._pull, source, view)
+                            for member_id in list(self._pending_pulls):
+                                nursery.start_soon(self._pull, self._pull_members[member_id], view)
                             nursery.start_soon(self._hand_off, view)
                     self._finish_progress()
                     continue
@@ -348,12 +349,16 @@ class Node:
         try:
             with trio.move_on_after(cfg.view_change_deadline):
                 async with trio.open_nursery() as nursery:
-                    self._pending_pulls = {m.id: m for m in pull_sources(old, new, self.node_id)}
+                    sources = pull_sources(old, new, self.node_id)
+                    self._pull_members = {m.id: m for m in sources}
+                    self._pending_pulls = {
+                        m.id: self.replica.source_shard(m.id, new) for m in sources
+                    }
                     self.progress.pulls_pending = sorted(self._pending_pulls)
-                    for source in list(self._pending_pulls.values()):
+                    for source in sources:
                         nursery.start_soon(self._pull, source, new)
                     nursery.start_soon(self._hand_off, new)
-            self.replica.install_view(new, awaiting=self._pending_pulls)
+            self.replica.install_view(new, awaiting=set(self._pending_pulls.values()))
             self.epoch += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
@@ -378,7 +383,7 @@ class Node:
         cfg = self.config
         shard = view.shard_of(self.node_id)
         cursor = ""
-        while True:
+        while source.id in self._pending_pulls:  # another member of its shard may finish first
             payload = {"view": view.to_json(), "shard": shard, "after": cursor,
                        "limit": cfg.handoff_batch_entries}
             try:
@@ -402,14 +407,13 @@ class Node:
 
     def _pull_done(self, member: int) -> None:
         """One member of an old shard handed everything over: the others need not."""
-        prev = self.replica.view if self.progress.state == "changing" else self.replica.prev_view
-        shard = prev.shard_of(member) if prev else None
-        done = [m for m in self._pending_pulls if prev and prev.shard_of(m) == shard]
-        for m in done or [member]:
-            self._pending_pulls.pop(m, None)
-            if m in self.progress.pulls_pending:
-                self.progress.pulls_pending.remove(m)
-        self.replica.handoff_received(member)
+        shard = self._pending_pulls.get(member)
+        if shard is None:
+            return
+        for m in [m for m, s in self._pending_pulls.items() if s == shard]:
+            del self._pending_pulls[m]
+        self.progress.pulls_pending = sorted(self._pending_pulls)
+        self.replica.handoff_received(shard)
         self._notify()
 
     def on_pull(self, raw: Any) -> dict[str, Any]:

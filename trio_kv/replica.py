@@ -156,6 +156,9 @@ class Replica:
         if batch.view_id != view_id or not self._is_peer(batch.sender):
             return SyncReply(self.origin, view_id, 0, accepted=False), []
         self.claims[batch.sender] = batch.seen.get(self.origin, 0)
+        previous = self.peer_origin.get(batch.sender)
+        if previous is not None and previous != batch.origin:
+            self.seen.pop(previous, None)  # the peer restarted: its old stream is gone
         self.peer_origin[batch.sender] = batch.origin
         changed = self.merge(batch.entries, source=batch.origin, own_only=True)
         if batch.after <= self.seen.get(batch.origin, 0) < batch.upto:
@@ -190,20 +193,26 @@ class Replica:
             return True
         return self.prev_view.shard_for(key) in self.handoff_pending
 
-    def handoff_received(self, old_member: int) -> None:
-        if self.prev_view is not None:
-            self.handoff_pending.discard(self.prev_view.shard_of(old_member) or "")
+    def source_shard(self, member: int, new: View) -> str:
+        """Which old shard a pull source stands for (our own new shard when we had no view)."""
+        old = self.view if self.view is not None and self.view.view_id != new.view_id else None
+        if old is None:
+            return new.shard_of(self.node_id) or ""
+        return old.shard_of(member) or ""
 
-    def install_view(self, view: View, awaiting: Iterable[int] = ()) -> None:
-        """Serve ``view`` from now on; ``awaiting`` are old owners we could not pull from.
+    def handoff_received(self, old_shard: str) -> None:
+        self.handoff_pending.discard(old_shard)
+
+    def install_view(self, view: View, awaiting: Iterable[str] = ()) -> None:
+        """Serve ``view`` from now on; ``awaiting`` are old shards none of whose members we
+        could pull from yet.
 
         Every stream summary is reset (DESIGN invariant 5): claims about what a peer holds were
         made for the old keyspace, so they are re-earned by a full exchange under the new one.
         """
-        old = self.view
-        if old is not None and old.view_id != view.view_id:
-            self.prev_view = old
-            self.handoff_pending = {old.shard_of(m) or "" for m in awaiting} - {""}
+        if self.view is None or self.view.view_id != view.view_id:
+            self.prev_view = self.view or view
+            self.handoff_pending = set(awaiting)
         self.view = view
         self.shard = view.shard_of(self.node_id)
         self.peers = [m for m in view.shards.get(self.shard or "", ()) if m.id != self.node_id]

@@ -95,6 +95,9 @@ class Cluster:
     nodes: dict[int, Node]
     addresses: dict[int, str]
     shards: dict[str, list[int]]
+    scopes: dict[int, trio.CancelScope] = dataclasses.field(default_factory=dict)
+    nursery: trio.Nursery | None = None
+    config: Config = dataclasses.field(default_factory=Config)
 
     def view_body(self, shards: dict[str, list[int]] | None = None) -> dict[str, Any]:
         shards = self.shards if shards is None else shards
@@ -147,7 +150,21 @@ def add_node(cluster: Cluster, nursery: trio.Nursery, node_id: int, config: Conf
     cluster.network.apps[address] = build_app(node)
     cluster.nodes[node_id] = node
     cluster.addresses[node_id] = address
-    nursery.start_soon(node.run)
+    scope = cluster.scopes[node_id] = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await node.run()
+
+    nursery.start_soon(run)
+    return node
+
+
+async def restart_node(cluster: Cluster, nursery: trio.Nursery, node_id: int) -> Node:
+    """Crash a node (its memory is lost) and start a fresh incarnation at the same address."""
+    cluster.scopes[node_id].cancel()
+    node = add_node(cluster, nursery, node_id, cluster.config)
+    await node.started.wait()
     return node
 
 
@@ -169,7 +186,7 @@ async def open_cluster(
     plus ``spare`` nodes outside the view; the view is sent to all members unless told not to."""
     shards = shards or {"A": 3}
     config = config or Config()
-    cluster = Cluster(Network(), {}, {}, {})
+    cluster = Cluster(Network(), {}, {}, {}, config=config)
     next_id = 1
     for name, count in shards.items():
         cluster.shards[name] = list(range(next_id, next_id + count))
@@ -181,5 +198,6 @@ async def open_cluster(
             await node.started.wait()
         if send_view:
             await cluster.put_view()
+        cluster.nursery = nursery
         yield cluster
         nursery.cancel_scope.cancel()

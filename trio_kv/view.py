@@ -178,8 +178,12 @@ def pull_sources(old: View | None, new: View, node_id: int) -> list[Member]:
     Covers shards that gained ranges, nodes that joined, and nodes that moved between shards.
     """
     my_new = new.shard_of(node_id)
-    if old is None or my_new is None or old.view_id == new.view_id:
+    if my_new is None or (old is not None and old.view_id == new.view_id):
         return []
+    if old is None:
+        # No previous view: a fresh node, or one restarted empty.  Its shard peers may hold
+        # writes already pruned from clients' tokens as stable, so it must catch up first.
+        return [m for m in new.shards[my_new] if m.id != node_id]
     my_old = old.shard_of(node_id)
     shards = {src for _s, _e, src, dst in _overlay(old.ring, new.ring) if dst == my_new}
     shards.discard(my_old or "")
