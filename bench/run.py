@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -83,6 +84,12 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty_node": bool(git("status", "--porcelain", "--", "trio_kv")),
+        # identifies uncommitted node code measured (hash of the diff plus untracked files)
+        "node_diff": hashlib.sha1(
+            (
+                git("diff", "HEAD", "--", "trio_kv") + git("status", "--porcelain", "--", "trio_kv")
+            ).encode()
+        ).hexdigest()[:10],
         "versions": versions,
         "wrk": wrk_v.splitlines()[0] if wrk_v else "?",
     }
@@ -181,13 +188,22 @@ async def main(a: argparse.Namespace) -> int:
         procs.stop([ctx.ceiling_proc])
     total = time.monotonic() - t_start
     table = text_table(ctx.rows)
+    dirty = f" +dirty trio_kv (diff {info['node_diff']})" if info["dirty_node"] else ""
     header = (
         f"trio-kv bench {stamp} ({'quick' if a.quick else 'full'}, {total:.0f} s) on "
         f"{info['cpus']} x {info['cpu']}, python {info['python']}, commit "
-        f"{info['commit']}{' +dirty trio_kv' if info['dirty_node'] else ''}; node: "
+        f"{info['commit']}{dirty}; node: "
         f"{a.node_cmd}; wrk -t1 -c{a.connections}, {ctx.duration:g} s per run"
     )
-    print("\n" + header + "\n\n" + table + "\n")
+    judged = [r for r in ctx.rows if r.ok is not None and r.target]
+    missed = [f"{r.section.split(' ', 1)[-1]}: {r.case}" for r in judged if r.ok is False]
+    failed = [r.section for r in ctx.rows if r.case == "FAILED"]
+    summary = (
+        f"targets met {len(judged) - len(missed)} of {len(judged)}"
+        + (f"; missed: {'; '.join(missed)}" if missed else "")
+        + (f"; FAILED scenarios: {', '.join(failed)}" if failed else "")
+    )
+    print("\n" + header + "\n\n" + table + "\n\n" + summary + "\n")
     result = {
         "stamp": stamp,
         "quick": a.quick,
@@ -198,11 +214,12 @@ async def main(a: argparse.Namespace) -> int:
         "duration": ctx.duration,
         "connections": a.connections,
         "rows": [r.as_dict() for r in ctx.rows],
+        "summary": summary,
         **ctx.data,
     }
     for path in (run_dir / "results.json", out / "latest.json"):
         path.write_text(json.dumps(result, indent=1, default=str))
-    md = f"## {stamp}\n\n{header}\n\n{md_table(ctx.rows)}\n"
+    md = f"## {stamp}\n\n{header}\n\n{md_table(ctx.rows)}\n\n{summary}\n"
     (out / "latest.md").write_text(md)
     print(f"JSON: {run_dir / 'results.json'}  (also {out / 'latest.json'}); logs: {run_dir}")
     if not a.no_record and (a.record or (not a.quick and not a.only)):
