@@ -117,7 +117,7 @@ class Conn:
 
     async def _read_chunked(self) -> bytes:
         assert self._r is not None
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int((await self._r.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:

@@ -17,6 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from httpc import HTTPError, request
 
@@ -92,19 +93,18 @@ def _spawn(
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log, "wb")  # noqa: SIM115 - handed to the child, closed below
     try:
-        kwargs: dict[str, object] = {}
+        extra: dict[str, Any] = {}
         if gid is not None:
-            kwargs["group"] = gid
-            kwargs["extra_groups"] = []
-        p = subprocess.Popen(
+            extra = {"group": gid, "extra_groups": []}
+        p: subprocess.Popen[bytes] = subprocess.Popen(
             argv,
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=str(REPO),
             start_new_session=True,
-            **kwargs,
-        )  # type: ignore[call-overload]
+            **extra,
+        )
     finally:
         fh.close()
     _live.append(p)

@@ -157,7 +157,7 @@ async def main(a: argparse.Namespace) -> int:
     unknown = set(wanted) - set(ALL)
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    steps = {
+    steps: dict[str, sc.Scenario] = {
         "ceiling": sc.ceiling,
         "single": sc.single_node,
         "1x3": lambda c: sc.topology(c, 1, 3),

@@ -132,7 +132,7 @@ async def put_view(request: Request) -> Response:
 
 async def sync(request: Request) -> Response:
     for k, item in (await request.json())["items"].items():
-        S.apply(k, tuple(item))  # type: ignore[arg-type]
+        S.apply(k, (item[0], int(item[1]), int(item[2])))
     return JSONResponse({"ok": True})
 
 
