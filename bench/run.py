@@ -225,7 +225,13 @@ async def main(a: argparse.Namespace) -> int:
     if not a.no_record and (a.record or (not a.quick and not a.only)):
         with open(BENCH / "RESULTS.md", "a") as f:
             f.write("\n" + md)
-        print("appended to bench/RESULTS.md")
+        readme = BENCH / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- latest:start -->", "<!-- latest:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(f"{head}{start}\n{md}{end}{rest.split(end, 1)[1]}")
+        print("appended to bench/RESULTS.md, latest table in bench/README.md")
     return 1 if any(r.case == "FAILED" for r in ctx.rows) else 0
 
 
