@@ -70,7 +70,7 @@ async def preload(
     )
     if res.failed:
         raise RuntimeError(f"preload: {res.failed} PUTs failed, e.g. {res.errors[:2]}")
-    return res.seconds
+    return float(res.seconds)
 
 
 def _lat_ok(r: wrk.WrkResult) -> tuple[str, bool]:

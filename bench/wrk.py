@@ -53,7 +53,7 @@ def busy_cores_s() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     # user nice system irq softirq; idle, iowait and steal (other VMs) are not our machine's work
-    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
+    return float(v[0] + v[1] + v[2] + v[5] + v[6]) / float(CLK_TCK)
 
 
 async def wait_quiet(servers: list[Proc], max_s: float, threshold: float = 0.2) -> float:
