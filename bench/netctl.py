@@ -59,30 +59,48 @@ def _drop_chain(chain: str) -> None:
 
 
 class ByteCounter:
-    """Per-port byte counters for a set of node ports."""
+    """Byte counters for a set of nodes: per server port (cross-check) and per sender.
+
+    `sent` uses `-m owner --gid-owner` (each node runs with its own gid), so it is exactly what
+    each node process put on the wire, requests and responses alike. Every byte is sent by one
+    node and received by another, so a node's average in+out is 2 x total / N.
+    """
 
     def __init__(self, nodes: list[Proc]) -> None:
         self.ports = {p.name: p.port for p in nodes}
+        self.gids = {p.name: p.gid for p in nodes if p.gid is not None}
         _drop_chain(CHAIN)
         _ensure_chain(CHAIN)
         for port in self.ports.values():
             _ipt("-A", CHAIN, "-o", "lo", "-p", "tcp", "--dport", str(port))
             _ipt("-A", CHAIN, "-o", "lo", "-p", "tcp", "--sport", str(port))
+        for gid in self.gids.values():
+            _ipt("-A", CHAIN, "-o", "lo", "-p", "tcp", "-m", "owner", "--gid-owner", str(gid))
 
-    def read(self) -> dict[str, int]:
-        """Bytes so far per node name (to its port plus from its port)."""
+    def read(self) -> dict[str, dict[str, int]]:
+        """{"port": bytes to+from each node's port, "sent": bytes and "pkts": packets each
+        node sent} so far, keyed by node name."""
         out = _ipt("-n", "-v", "-x", "-L", CHAIN).stdout
         by_port: dict[int, int] = {}
+        by_gid: dict[int, tuple[int, int]] = {}
         for line in out.splitlines():
             parts = line.split()
             if len(parts) < 3 or not parts[0].isdigit():
                 continue
-            nbytes = int(parts[1])
+            pkts, nbytes = int(parts[0]), int(parts[1])
+            if "owner" in parts and "match" in parts:
+                gid = int(parts[parts.index("match") + 1])
+                by_gid[gid] = (pkts, nbytes)
+                continue
             for tok in parts:
                 if tok.startswith(("dpt:", "spt:")):
                     port = int(tok[4:])
                     by_port[port] = by_port.get(port, 0) + nbytes
-        return {name: by_port.get(port, 0) for name, port in self.ports.items()}
+        return {
+            "port": {name: by_port.get(port, 0) for name, port in self.ports.items()},
+            "sent": {name: by_gid.get(g, (0, 0))[1] for name, g in self.gids.items()},
+            "pkts": {name: by_gid.get(g, (0, 0))[0] for name, g in self.gids.items()},
+        }
 
     def close(self) -> None:
         _drop_chain(CHAIN)
