@@ -144,13 +144,25 @@ class NetnsBackend(NetworkBackend):
         node.pid = proc.pid
 
     def kill(self, node: Node) -> None:
-        marker = self.marker(node)
-        if kill_marked(node.pid, marker, signal.SIGKILL) and node.pid is not None:
-            wait_dead(node.pid, marker)
+        child = self._children.get(node.pid) if node.pid is not None else None
+        if child is not None:  # our own child: signal it by its Popen, then reap it
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+                child.wait(timeout=10)
+        else:
+            marker = self.marker(node)
+            if kill_marked(node.pid, marker, signal.SIGKILL) and node.pid is not None:
+                wait_dead(node.pid, marker)
         self._reap()
 
     def alive(self, node: Node) -> bool:
-        return node.pid is not None and process_has_marker(node.pid, self.marker(node))
+        """Our own child: ask it (reading /proc races with its exec); else check the marker."""
+        if node.pid is None:
+            return False
+        child = self._children.get(node.pid)
+        if child is not None:
+            return child.poll() is None
+        return process_has_marker(node.pid, self.marker(node))
 
     def log_tail(self, node: Node) -> str:
         return tail(self.logdir / f"n{node.id}.log")

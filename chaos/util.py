@@ -75,14 +75,18 @@ def wait_until(probe: Callable[[], T | None], *, timeout: float, interval: float
 
 def process_has_marker(pid: int, marker: str) -> bool:
     """True if ``pid`` is alive (not a zombie) and was started by us with ``marker``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    for _ in range(50):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except (OSError, IndexError):
             return False
-        env = Path(f"/proc/{pid}/environ").read_bytes()
-    except (OSError, IndexError):
-        return False
-    return f"{MARKER_ENV}={marker}".encode() in env.split(b"\0")
+        if env:
+            return f"{MARKER_ENV}={marker}".encode() in env.split(b"\0")
+        time.sleep(0.01)  # empty while the process is in the middle of an exec: look again
+    return False
 
 
 def kill_marked(pid: int | None, marker: str, sig: int = signal.SIGKILL) -> bool:
