@@ -169,7 +169,8 @@ async def main(a: argparse.Namespace) -> int:
     if any(s != "ceiling" for s in wanted) and "ceiling" not in wanted:
         wanted.insert(0, "ceiling")  # every run measures the ceiling (ratios need it)
     ctx.paired = "single" in wanted
-    waited = await wrk.wait_quiet([], 10.0 if a.quick else 30.0)
+    ctx.quiet_wait = 3.0 if a.quick else 10.0
+    waited = await wrk.wait_quiet([], 3.0 if a.quick else 20.0)
     log(f"waited {waited:.1f} s for other processes to go quiet")
     timings = {}
     for name in wanted:

@@ -44,6 +44,7 @@ class Ctx:
     ceiling_proc: procs.Proc | None = None
     peers: netctl.PeerCounter | None = None  # set while a multi-node topology is driven
     paired: bool = True  # single_node runs too: measure the ceiling right before each node run
+    quiet_wait: float = 10.0  # seconds to wait for quiet before a re-run
     retries: int = 6  # re-runs left for the whole suite when other processes disturb a run
 
     def row(self, *args: Any, **kw: Any) -> None:
@@ -150,7 +151,7 @@ async def drive(
         if not retry or best.other_cpu <= NOISE or ctx.retries <= 0:
             break
         ctx.retries -= 1
-        waited = await wrk.wait_quiet(servers, 10.0)
+        waited = await wrk.wait_quiet(servers, ctx.quiet_wait)
         ctx.log(
             f"    other processes used {best.other_cpu:.0%} of a core: re-running "
             f"(waited {waited:.1f} s for quiet)"
