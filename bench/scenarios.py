@@ -217,15 +217,30 @@ async def single_node(ctx: Ctx) -> None:
         targets = {"GET": 0.85, "PUT": 0.75, "50/50": None}
         rows: dict[str, Any] = {}
         cp = ctx.ceiling_proc
+        reps = 1 if ctx.quick else 2
         for mix in MIXES:
-            if cp is not None and cp.alive():
-                ctx.ceiling[mix] = await drive(ctx, cp, [cp], mix, 1000, False)
-                _load_row(ctx, "0 ceiling", f"bare stack {mix}", ctx.ceiling[mix], None, "", None)
-            r = await drive(ctx, c.nodes[0], c.nodes, mix, 1000, False)
-            ctx.single[mix] = r
-            rows[mix] = r.as_dict()
+            # Alternate ceiling and node runs and keep the best of each: interference from
+            # other processes only ever slows a run down, so the best is the least disturbed.
+            best_c: wrk.WrkResult | None = None
+            best_n: wrk.WrkResult | None = None
+            for _ in range(reps):
+                if cp is not None and cp.alive():
+                    rc = await drive(ctx, cp, [cp], mix, 1000, False)
+                    best_c = rc if best_c is None or rc.rps > best_c.rps else best_c
+                rn = await drive(ctx, c.nodes[0], c.nodes, mix, 1000, False)
+                best_n = rn if best_n is None or rn.rps > best_n.rps else best_n
+            assert best_n is not None
+            tag = f" (best of {reps})" if reps > 1 else ""
+            if best_c is not None:
+                ctx.ceiling[mix] = best_c
+                _load_row(ctx, "0 ceiling", f"bare stack {mix}{tag}", best_c, None, "", None)
+            ctx.single[mix] = best_n
+            rows[mix] = best_n.as_dict()
             base = ctx.ceiling.get(mix)
-            _load_row(ctx, "1 throughput", f"1x1 1k keys {mix}", r, base, "ceiling", targets[mix])
+            _load_row(
+                ctx, "1 throughput", f"1x1 1k keys {mix}{tag}", best_n, base, "ceiling",
+                targets[mix],
+            )  # fmt: skip
         ctx.data["ceiling"] = {m: r.as_dict() for m, r in ctx.ceiling.items()}
         ctx.data["single"] = rows
         if ctx.profile:
