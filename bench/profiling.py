@@ -22,7 +22,8 @@ TOP = 25
 
 
 def pyspy() -> str:
-    for cand in (Path(sys.executable).parent / "py-spy", shutil.which("py-spy")):
+    venv = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "py-spy"
+    for cand in (Path(sys.executable).parent / "py-spy", venv, shutil.which("py-spy")):
         if cand and Path(cand).exists():
             return str(cand)
     raise RuntimeError("py-spy not found: pip install py-spy (into the venv)")

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,7 +46,7 @@ def default_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def machine() -> dict[str, object]:
+def machine(python: str) -> dict[str, object]:
     cpu = "?"
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(
@@ -69,12 +68,17 @@ def machine() -> dict[str, object]:
         r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
         return r.stdout.strip()
 
-    versions = {}
-    for pkg in ("trio", "hypercorn", "starlette", "httpx", "orjson", "trio-kv"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "-"
+    # versions as the servers see them (the harness may run under another interpreter)
+    probe = (
+        "import json, importlib.metadata as m\n"
+        "def v(p):\n"
+        "    try: return m.version(p)\n"
+        "    except m.PackageNotFoundError: return '-'\n"
+        "print(json.dumps({p: v(p) for p in "
+        "['trio', 'hypercorn', 'starlette', 'httpx', 'orjson', 'trio-kv']}))"
+    )
+    r = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30)
+    versions = json.loads(r.stdout) if r.returncode == 0 else {}
     wrk_v = subprocess.run([wrk.wrk_path(), "-v"], capture_output=True, text=True).stdout
     return {
         "cpus": os.cpu_count(),
@@ -148,7 +152,7 @@ async def main(a: argparse.Namespace) -> int:
         profile=a.profile,
         retries=2 if a.quick else 6,
     )
-    info = machine()
+    info = machine(a.python)
     log(
         f"machine: {info['cpus']} x {info['cpu']}, {info['mem_gib']} GiB, python "
         f"{info['python']}, commit {info['commit']}; node: {a.node_cmd}"
