@@ -29,6 +29,7 @@ class Config:
     # replication
     gossip_interval: float = 0.2  # retry period towards an unreachable peer
     heartbeat_interval: float = 1.0  # idle summary exchange
+    replication_linger: float = 0.005  # least time between pushes to one peer under load
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20
     # peer calls
@@ -36,6 +37,7 @@ class Config:
     peer_timeout: float = 5.0  # one replication or handoff call
     forward_attempt_timeout: float = 5.0  # one forwarded request to one replica
     forward_concurrency: int = 64  # in-flight forwarded requests per node
+    forward_retry_after: float = 5.0  # a replica that failed is tried last for this long
     max_hops: int = 3  # forwards between nodes that disagree on the view
     # views
     vnodes: int = 128

@@ -7,6 +7,7 @@ and the forwarding pool.  It moves bytes and time only; every decision is the re
 from __future__ import annotations
 
 import logging
+import math
 import random
 import signal
 import time
@@ -110,6 +111,7 @@ class Node:
         self._ready.set()
         self._view_installed = trio.Event()
         self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
+        self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self._pending_pulls: dict[int, str] = {}  # old owner id -> the old shard it stands for
         self._pull_members: dict[int, Member] = {}
         self.started = trio.Event()
@@ -156,8 +158,13 @@ class Node:
     async def _sender(self, peer: Member) -> None:
         """Push our stream to one peer: at once on news, else a heartbeat now and then."""
         cfg = self.config
+        last_push = -math.inf
         while True:
             news = self._changed
+            # Under load, gather writes for a moment: fewer, bigger pushes. A lone write after
+            # a quiet spell goes at once, so stability (and token pruning) stays quick.
+            await trio.sleep(max(0.0, last_push + cfg.replication_linger - trio.current_time()))
+            last_push = trio.current_time()
             batch = self.replica.batch_for(peer.id)
             if batch is None:
                 return
@@ -263,8 +270,7 @@ class Node:
         view = self.replica.view
         assert view is not None
         shard = view.shard_for(key)
-        replicas = list(view.shards[shard])
-        random.shuffle(replicas)
+        replicas = self._forward_order(view.shards[shard])
         body: dict[str, Any] = {"causal-metadata": render_metadata(deps)}
         if value is not None:
             body["value"] = value
@@ -287,13 +293,29 @@ class Node:
                 )
             except PeerUnavailable as exc:
                 log.debug("forward of %r to %s failed: %s", key, target.id, exc)
+                self._forward_failed[target.id] = trio.current_time()
                 if attempt % len(replicas) == 0:  # a full round failed: give the net a moment
                     await trio.sleep(min(cfg.gossip_interval, max(0.0, remaining)))
                 continue
+            self._forward_failed.pop(target.id, None)
             if resp.status == 503 and trio.current_time() < deadline - 0.05:
                 continue  # that replica could not serve yet; another one may
             return Reply(resp.status, raw=resp.body)
         return error(503, f"shard {shard} unreachable: no replica answered in time", deps)
+
+    def _forward_order(self, members: tuple[Member, ...]) -> list[Member]:
+        """Replicas to try, those that failed recently last, so a partitioned replica costs
+        a request its timeout only once per ``forward_retry_after``, not every time."""
+        now = trio.current_time()
+        horizon = self.config.forward_retry_after
+
+        def recently_failed(m: Member) -> bool:
+            return now - self._forward_failed.get(m.id, -math.inf) < horizon
+
+        order = list(members)
+        random.shuffle(order)
+        order.sort(key=recently_failed)
+        return order
 
     # ================================================================ views
     async def put_view(self, view: View) -> None:

@@ -32,6 +32,7 @@ class Network:
         self.blocked: set[tuple[str, str]] = set()  # directed (src, dst) links that drop
         self.down: set[str] = set()
         self.delays: dict[str, float] = {}  # address -> added latency each way
+        self.latency = 0.0001  # every hop takes a little time, as on a real network
 
     def cut(self, a: str, b: str, *, both_ways: bool = True) -> None:
         self.blocked.add((a, b))
@@ -80,11 +81,7 @@ class FaultyTransport(httpx.AsyncBaseTransport):
 
     async def _hop(self, a: str, b: str) -> None:
         net = self.network
-        delay = net.delays.get(a, 0.0) + net.delays.get(b, 0.0)
-        if delay:
-            await trio.sleep(delay)
-        else:
-            await trio.lowlevel.checkpoint()  # a real network always lets other tasks run
+        await trio.sleep(net.latency + net.delays.get(a, 0.0) + net.delays.get(b, 0.0))
         if (a, b) in net.blocked:
             await trio.sleep_forever()  # dropped: only the caller's deadline ends this
 
