@@ -90,6 +90,8 @@ def package(frame: str) -> str:
     path = loc.rsplit(":", 1)[0]
     if "trio_kv/" in path:
         return "trio_kv"
+    if path.startswith("<attrs generated"):  # attrs-made __init__/__eq__ of trio classes
+        return path.split()[-1].split(".")[0].rstrip(">") or "?"
     if "/" not in path:
         return f"stdlib:{path}" if path else "?"
     first = path.split("/")[0]
