@@ -28,7 +28,7 @@ class Config:
     wait_deadline: float = 30.0  # causal waits, forwarding retries, mid-change waits
     # replication
     gossip_interval: float = 0.2  # retry period towards an unreachable peer
-    heartbeat_interval: float = 1.0  # idle summary exchange
+    heartbeat_interval: float = 5.0  # idle summary exchange; news is pushed at once anyway
     replication_linger: float = 0.005  # least time between pushes to one peer under load
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20

@@ -113,7 +113,7 @@ class Node:
         self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self._pending_pulls: dict[int, str] = {}  # old owner id -> the old shard it stands for
-        self._pull_members: dict[int, Member] = {}
+        self._pull_members: dict[int, Member] = {}  # pull sources of the current change
         self.started = trio.Event()
 
     # ================================================================ services
