@@ -116,27 +116,33 @@ class PeerCounter:
     """
 
     def __init__(self, nodes: list[Proc]) -> None:
-        gids = [p.gid for p in nodes if p.gid is not None]
-        if len(gids) != len(nodes):
+        if any(p.gid is None for p in nodes):
             raise RuntimeError("nodes were not started with their own gid")
-        self.ports = {p.name: p.port for p in nodes}
-        rng = f"{min(gids)}-{max(gids)}"
+        if len(nodes) > 15:
+            raise RuntimeError("multiport matches at most 15 ports")
+        self.gids = {p.name: p.gid for p in nodes}
+        ports = ",".join(str(p.port) for p in nodes)
         _drop_chain(PEER)
         _ensure_chain(PEER)
-        for port in self.ports.values():
-            _ipt("-A", PEER, "-o", "lo", "-p", "tcp", "--dport", str(port), "-m", "owner",
-                 "--gid-owner", rng, "--tcp-flags", "PSH", "PSH")  # fmt: skip
+        for gid in self.gids.values():
+            _ipt("-A", PEER, "-o", "lo", "-p", "tcp", "-m", "multiport", "--dports", ports,
+                 "-m", "owner", "--gid-owner", str(gid), "--tcp-flags", "PSH", "PSH")  # fmt: skip
+
+    def read_by_sender(self) -> dict[str, tuple[int, int]]:
+        """{node name: (data segments, bytes)} sent to node ports so far."""
+        out = _ipt("-n", "-v", "-x", "-L", PEER).stdout
+        by_gid: dict[int, tuple[int, int]] = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[0].isdigit() and "match" in parts:
+                gid = int(parts[parts.index("match") + 1])
+                by_gid[gid] = (int(parts[0]), int(parts[1]))
+        return {n: by_gid.get(g, (0, 0)) for n, g in self.gids.items() if g is not None}
 
     def read(self) -> tuple[int, int]:
         """(data segments, bytes) sent between nodes so far."""
-        out = _ipt("-n", "-v", "-x", "-L", PEER).stdout
-        pk = by = 0
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) > 2 and parts[0].isdigit():
-                pk += int(parts[0])
-                by += int(parts[1])
-        return pk, by
+        per = self.read_by_sender().values()
+        return sum(p for p, _ in per), sum(b for _, b in per)
 
     def close(self) -> None:
         _drop_chain(PEER)

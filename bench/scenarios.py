@@ -102,6 +102,9 @@ def _load_row(
     if r.peer_msgs >= 0 and r.requests:
         n = r.requests
         res += f"  peer {r.peer_msgs / n:.2f} msg/req {r.peer_bytes / n:,.0f} B/req"
+        if r.peer_msgs > 0:  # who sends them: relaying replicas show up here
+            top = sorted(r.peer_msgs_by_sender.items(), key=lambda kv: -kv[1])[:3]
+            res += " (" + " ".join(f"{k}:{v / n:.2f}" for k, v in top if v) + ")"
     if bad:
         res += f"  ERR {bad}"
     lat, lat_ok = _lat_ok(r)
@@ -143,11 +146,13 @@ async def drive(
     dur = duration or ctx.duration
 
     async def once() -> wrk.WrkResult:
-        before = ctx.peers.read() if ctx.peers else None
+        before = ctx.peers.read_by_sender() if ctx.peers else None
         r = await wrk.run(target, dur, ctx.conns, args, servers=servers)
-        if ctx.peers and before:
-            after = ctx.peers.read()
-            r.peer_msgs, r.peer_bytes = after[0] - before[0], after[1] - before[1]
+        if ctx.peers and before is not None:
+            after = ctx.peers.read_by_sender()
+            r.peer_msgs_by_sender = {n: after[n][0] - before[n][0] for n in after}
+            r.peer_msgs = sum(r.peer_msgs_by_sender.values())
+            r.peer_bytes = sum(after[n][1] - before[n][1] for n in after)
         return r
 
     best = await once()

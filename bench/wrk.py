@@ -42,6 +42,7 @@ class WrkResult:
     other_cpu: float = 0.0
     peer_msgs: int = -1  # node-to-node data segments during the run (-1: not counted)
     peer_bytes: int = -1
+    peer_msgs_by_sender: dict[str, int] = field(default_factory=dict)
     args: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
