@@ -391,6 +391,12 @@ class Node:
             self._notify()
         log.info("node %s: serving view %s (%s)", self.node_id, new.view_id, self.progress)
 
+    def _backoff(self, failures: int) -> float:
+        """Exponential, jittered, capped: retries keep trying without flooding a sick peer."""
+        cfg = self.config
+        base: float = min(cfg.handoff_retry_interval, cfg.gossip_interval * 2.0 ** (failures - 1))
+        return base * random.uniform(0.5, 1.5)
+
     def _finish_progress(self) -> None:
         view = self.replica.view
         remaining = (
@@ -405,6 +411,7 @@ class Node:
         cfg = self.config
         shard = view.shard_of(self.node_id)
         cursor = ""
+        failures = 0
         while source.id in self._pending_pulls:  # another member of its shard may finish first
             payload = {"view": view.to_json(), "shard": shard, "after": cursor,
                        "limit": cfg.handoff_batch_entries}
@@ -416,8 +423,10 @@ class Node:
                 nxt = raw["next"]
             except (PeerUnavailable, WireError, KeyError, TypeError) as exc:
                 log.info("pull from %s failed, retrying: %s", source.id, exc)
-                await trio.sleep(cfg.gossip_interval * random.uniform(1, 2))
+                failures += 1
+                await trio.sleep(self._backoff(failures))
                 continue
+            failures = 0
             self.replica.merge(entries)
             self.progress.keys_received += len(entries)
             self.progress.bytes_received += sum(e.size for _, e in entries)
@@ -474,6 +483,7 @@ class Node:
             entries = self.replica.entries_for(keys[i : i + size])
             payload = {"entries": entries_to_wire(entries)}
             acked: set[int] = set()
+            failures = 0
             while len(acked) < len(receivers):
                 for member in receivers:
                     if member.id in acked:
@@ -493,7 +503,8 @@ class Node:
                     self.progress.keys_sent += len(entries)
                     self.progress.bytes_sent += sum(e.size for _, e in entries)
                 if len(acked) < len(receivers):
-                    await trio.sleep(cfg.gossip_interval * random.uniform(1, 2))
+                    failures += 1
+                    await trio.sleep(self._backoff(failures))
             # Every receiver holds these versions; a key changed here since stays for the next
             # round of handoff.
             self.replica.drop_if_unchanged(entries, view)
