@@ -114,6 +114,12 @@ def parse_args() -> argparse.Namespace:
         help="node command; --id/--host/--port are appended",
     )
     ap.add_argument("--python", default=default_python(), help="interpreter for servers")
+    ap.add_argument(
+        "--idle-window",
+        type=float,
+        default=0,
+        help="seconds per idle-gossip window (default 5 quick, 10 full)",
+    )
     ap.add_argument("--reshard-replicas", type=int, default=1, help="replicas per shard")
     ap.add_argument("--out", default=str(BENCH / "out"))
     ap.add_argument(
@@ -174,6 +180,7 @@ async def main(a: argparse.Namespace) -> int:
         wanted.insert(0, "ceiling")  # every run measures the ceiling (ratios need it)
     ctx.paired = "single" in wanted
     ctx.quiet_wait = 3.0 if a.quick else 10.0
+    ctx.idle_window = a.idle_window
     waited = await wrk.wait_quiet([], 3.0 if a.quick else 20.0)
     log(f"waited {waited:.1f} s for other processes to go quiet")
     timings = {}

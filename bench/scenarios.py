@@ -44,6 +44,7 @@ class Ctx:
     ceiling_proc: procs.Proc | None = None
     peers: netctl.PeerCounter | None = None  # set while a multi-node topology is driven
     paired: bool = True  # single_node runs too: measure the ceiling right before each node run
+    idle_window: float = 0.0  # 0: 5 s quick, 10 s full
     quiet_wait: float = 10.0  # seconds to wait for quiet before a re-run
     retries: int = 6  # re-runs left for the whole suite when other processes disturb a run
 
@@ -426,7 +427,9 @@ async def idle_and_memory(ctx: Ctx) -> None:
     """1x3 cluster; grow to 0/1k/10k/100k keys; idle bytes/s per node and RSS at each step."""
     ok, why = netctl.available()
     counts = [0, 1000, 10000] if ctx.quick else [0, 1000, 10000, 100000]
-    window = 2.0 if ctx.quick else 4.0
+    # At least one idle heartbeat period of the node (5 s at the time of writing), else a
+    # window can fall between two rounds and read 0 B/s.
+    window = ctx.idle_window or (5.0 if ctx.quick else 10.0)
     c = await Cluster.start(ctx.settings, 3)
     counter = netctl.ByteCounter(c.nodes) if ok else None
     steps: list[dict[str, Any]] = []
