@@ -40,7 +40,45 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-class LocalBackend(Backend):
+class ChildNodes:
+    """Nodes run as our own child processes (local and netns backends): kill, liveness, reaping.
+
+    A node started by an earlier CLI invocation is not our child: it is found by its marker.
+    """
+
+    _children: dict[int, subprocess.Popen[bytes]]
+
+    def marker(self, node: Node) -> str:
+        raise NotImplementedError
+
+    def kill(self, node: Node) -> None:
+        child = self._children.get(node.pid) if node.pid is not None else None
+        if child is not None:  # our own child: signal it by its Popen, then reap it
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+                child.wait(timeout=10)
+        else:
+            marker = self.marker(node)
+            if kill_marked(node.pid, marker, signal.SIGKILL) and node.pid is not None:
+                wait_dead(node.pid, marker)
+        self._reap()
+
+    def alive(self, node: Node) -> bool:
+        """Our own child: ask it (reading /proc races with its exec); else check the marker."""
+        if node.pid is None:
+            return False
+        child = self._children.get(node.pid)
+        if child is not None:
+            return child.poll() is None
+        return process_has_marker(node.pid, self.marker(node))
+
+    def _reap(self) -> None:
+        for pid, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+
+
+class LocalBackend(ChildNodes, Backend):
     """Local processes, one port each."""
 
     name = "local"
@@ -85,29 +123,6 @@ class LocalBackend(Backend):
                                     start_new_session=True, cwd=self.workdir)
         self._children[proc.pid] = proc
         node.pid = proc.pid
-
-    def kill(self, node: Node) -> None:
-        child = self._children.get(node.pid) if node.pid is not None else None
-        if child is not None:  # our own child: signal it by its Popen, then reap it
-            if child.poll() is None:
-                child.send_signal(signal.SIGKILL)
-                child.wait(timeout=10)
-        else:
-            marker = self.marker(node)
-            if kill_marked(node.pid, marker, signal.SIGKILL) and node.pid is not None:
-                wait_dead(node.pid, marker)
-        for pid, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[pid]
-
-    def alive(self, node: Node) -> bool:
-        """Our own child: ask it (reading /proc races with its exec); else check the marker."""
-        if node.pid is None:
-            return False
-        child = self._children.get(node.pid)
-        if child is not None:
-            return child.poll() is None
-        return process_has_marker(node.pid, self.marker(node))
 
     def apply_network(self, node: Node) -> None:
         raise self.no_network("partition")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.cluster import Node
+from chaos.local import ChildNodes
 from chaos.netbase import DELAY_QUEUE, IFACE, NetworkBackend
 from chaos.util import (
     MARKER_ENV,
@@ -46,7 +47,7 @@ NODE_PORT = 8081
 DELAYER = Path(__file__).with_name("delayer.py")
 
 
-class NetnsBackend(NetworkBackend):
+class NetnsBackend(ChildNodes, NetworkBackend):
     """Processes in namespaces on a bridge; iptables and tc inside each namespace."""
 
     name = "netns"
@@ -143,34 +144,8 @@ class NetnsBackend(NetworkBackend):
         self._children[proc.pid] = proc
         node.pid = proc.pid
 
-    def kill(self, node: Node) -> None:
-        child = self._children.get(node.pid) if node.pid is not None else None
-        if child is not None:  # our own child: signal it by its Popen, then reap it
-            if child.poll() is None:
-                child.send_signal(signal.SIGKILL)
-                child.wait(timeout=10)
-        else:
-            marker = self.marker(node)
-            if kill_marked(node.pid, marker, signal.SIGKILL) and node.pid is not None:
-                wait_dead(node.pid, marker)
-        self._reap()
-
-    def alive(self, node: Node) -> bool:
-        """Our own child: ask it (reading /proc races with its exec); else check the marker."""
-        if node.pid is None:
-            return False
-        child = self._children.get(node.pid)
-        if child is not None:
-            return child.poll() is None
-        return process_has_marker(node.pid, self.marker(node))
-
     def log_tail(self, node: Node) -> str:
         return tail(self.logdir / f"n{node.id}.log")
-
-    def _reap(self) -> None:
-        for pid, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[pid]
 
     # ---- network -------------------------------------------------------------------------
 

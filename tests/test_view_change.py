@@ -7,7 +7,6 @@ import dataclasses
 import random
 from typing import Any
 
-import httpx
 import trio
 
 from trio_kv.config import Config
@@ -54,6 +53,13 @@ async def preload(cluster: Cluster, count: int, via: int = 1) -> tuple[dict[str,
         for k, v in data.items():
             meta = await put(c, k, v, meta)
     return data, meta
+
+
+async def all_idle(cluster: Cluster, within: float = 30.0) -> None:
+    """Poll (test clock) until no node has a view change or handoff outstanding."""
+    with trio.fail_after(within):
+        while any(n.progress.state != "idle" for n in cluster.nodes.values()):
+            await trio.sleep(0.5)
 
 
 async def check(cluster: Cluster, expected: dict[str, str], meta: dict) -> None:
@@ -171,9 +177,7 @@ async def test_receiver_cut_mid_transfer_loses_nothing(autojump_clock):
             status = cluster.nodes[1].view_status()["change"]
             assert status["state"] in ("changing", "pending")
             cluster.network.heal()
-        with trio.fail_after(30):
-            while any(n.progress.state != "idle" for n in cluster.nodes.values()):
-                await trio.sleep(0.5)
+        await all_idle(cluster)
         await check(cluster, expected, meta)
 
 
@@ -189,9 +193,7 @@ async def test_sender_cut_mid_transfer_loses_nothing(autojump_clock):
             cluster.network.isolate(cluster.addresses[3])  # an old owner of B's keys
             await trio.sleep(20)
             cluster.network.heal()
-        with trio.fail_after(30):
-            while any(n.progress.state != "idle" for n in cluster.nodes.values()):
-                await trio.sleep(0.5)
+        await all_idle(cluster)
         await check(cluster, expected, meta)
 
 
@@ -215,9 +217,7 @@ async def test_node_that_misses_the_view_hands_off_when_it_learns_it(autojump_cl
             assert (await get(c, kb[0], meta)).status_code == 503
         cluster.network.heal()
         # it comes back, pulls complete in the background; later it also learns the view
-        with trio.fail_after(30):
-            while cluster.nodes[1].progress.state != "idle":
-                await trio.sleep(0.5)
+        await all_idle(cluster)
         await cluster.put_view({"A": [1, 2]}, to=[3])
         cluster.shards = {"A": [1, 2]}
         await check(cluster, expected, meta)
@@ -254,5 +254,3 @@ async def test_added_node_with_no_view_accepts_handoff(autojump_clock):
             await check(cluster, expected, meta)
             nursery.cancel_scope.cancel()
 
-
-_ = httpx
