@@ -156,3 +156,27 @@ def test_config_from_env_and_cli():
     assert (cfg.node_id, cfg.port, cfg.host, cfg.wait_deadline, cfg.max_value_bytes) == (
         7, 9000, "::1", 2.5, 10)
     assert load_config(["--id", "3"], {}).node_id == 3
+
+
+async def test_waiting_requests_are_capped(autojump_clock):
+    import trio
+
+    config = dataclasses.replace(Config(), max_waiting=3)
+    async with open_cluster({"S": 2}, config=config) as cluster:
+        cluster.network.cut(*cluster.address_of(1, 2))
+        async with cluster.client(1) as on_1, cluster.client(2) as on_2:
+            meta = await put(on_1, "x", "1")
+            statuses: list[int] = []
+
+            async def read() -> None:
+                statuses.append((await get(on_2, "x", meta)).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(read)
+                await trio.sleep(1)
+                r = await get(on_2, "x", meta)  # the fourth is turned away at once
+                assert r.status_code == 503 and "max_waiting=3" in r.json()["error"]
+                cluster.network.heal()
+            assert statuses == [200, 200, 200]
+            assert cluster.nodes[2]._waiting == 0

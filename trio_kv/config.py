@@ -26,6 +26,7 @@ class Config:
     max_request_bytes: int = 8 << 20
     max_header_bytes: int = 64 << 10
     wait_deadline: float = 30.0  # causal waits, forwarding retries, mid-change waits
+    max_waiting: int = 1000  # requests parked in a causal or handoff wait at once; more get 503
     # replication
     gossip_interval: float = 0.2  # retry period towards an unreachable peer
     heartbeat_interval: float = 5.0  # idle summary exchange; news is pushed at once anyway

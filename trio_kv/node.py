@@ -38,6 +38,10 @@ HOPS_HEADER = "x-kv-hops"
 BUDGET_HEADER = "x-kv-budget"
 
 
+class TooManyWaiting(Exception):
+    """The node already holds ``max_waiting`` requests in waits."""
+
+
 @dataclass(slots=True)
 class Reply:
     """A data answer: JSON payload, or a forwarded peer's raw body passed through unchanged."""
@@ -111,6 +115,7 @@ class Node:
         self._ready.set()
         self._view_installed = trio.Event()
         self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
+        self._waiting = 0  # requests parked in _wait_for
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self._pending_pulls: dict[int, str] = {}  # old owner id -> the old shard it stands for
         self._pull_members: dict[int, Member] = {}  # pull sources of the current change
@@ -135,15 +140,26 @@ class Node:
         self._changed = trio.Event()
 
     async def _wait_for(self, ready: Callable[[], bool], deadline: float) -> bool:
-        """Sleep on data-change events until ``ready()`` or the deadline (no polling)."""
-        while True:
-            event = self._changed
-            if ready():
-                return True
-            with trio.move_on_at(deadline) as scope:
-                await event.wait()
-            if scope.cancelled_caught:
-                return ready()
+        """Sleep on data-change events until ``ready()`` or the deadline (no polling).
+
+        Raises ``TooManyWaiting`` rather than park more than ``max_waiting`` requests.
+        """
+        if ready():
+            return True
+        if self._waiting >= self.config.max_waiting:
+            raise TooManyWaiting
+        self._waiting += 1
+        try:
+            while True:
+                event = self._changed
+                if ready():
+                    return True
+                with trio.move_on_at(deadline) as scope:
+                    await event.wait()
+                if scope.cancelled_caught:
+                    return ready()
+        finally:
+            self._waiting -= 1
 
     # ================================================================ replication
     async def _gossip_supervisor(self) -> None:
@@ -204,14 +220,28 @@ class Node:
         budget: float | None = None,
     ) -> Reply:
         """Serve or forward one client data request (``key`` None means ``GET /data``)."""
+        try:
+            return await self._data(method, key, deps, value, hops, budget)
+        except TooManyWaiting:
+            return error(
+                503, f"too many requests already waiting here (max_waiting="
+                f"{self.config.max_waiting}); try again shortly", deps,
+            )
+
+    async def _data(
+        self,
+        method: str,
+        key: str | None,
+        deps: Deps,
+        value: str | None,
+        hops: int,
+        budget: float | None,
+    ) -> Reply:
         cfg = self.config
         wait = cfg.wait_deadline if budget is None else max(0.0, min(budget, cfg.wait_deadline))
         deadline = trio.current_time() + wait
-        if not self._ready.is_set():
-            with trio.move_on_at(deadline):
-                await self._ready.wait()
-            if not self._ready.is_set():
-                return error(503, "view change in progress; try again", deps)
+        if not await self._wait_for(self._ready.is_set, deadline):
+            return error(503, "view change in progress; try again", deps)
         replica = self.replica
         if replica.view is None:
             return error(503, "no view has been set on this node yet", deps)
