@@ -254,3 +254,24 @@ async def test_added_node_with_no_view_accepts_handoff(autojump_clock):
             await check(cluster, expected, meta)
             nursery.cancel_scope.cancel()
 
+
+
+async def test_new_node_told_first_pulls_from_the_old_owners(autojump_clock):
+    """A node with no view learns the previous view from its new peers and pulls before 200."""
+    async with open_cluster({"A": 2}) as cluster:
+        expected, meta = await preload(cluster, 200)
+        async with trio.open_nursery() as nursery:
+            add_node(cluster, nursery, 9, Config())
+            await cluster.nodes[9].started.wait()
+            new = {"A": [1, 2], "B": [9]}
+            await cluster.put_view(new, to=[9])  # the old owners do not know yet
+            view = cluster.nodes[9].replica.view
+            owned = {k for k in expected if view.shard_for(k) == "B"}
+            assert owned and set(cluster.nodes[9].replica.store.entries) == owned
+            async with cluster.client(9) as c:
+                for k in owned:
+                    assert (await get(c, k)).json()["value"] == expected[k]
+            await cluster.put_view(new, to=[1, 2])
+            cluster.shards = new
+            await check(cluster, expected, meta)
+            nursery.cancel_scope.cancel()

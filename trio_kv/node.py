@@ -401,16 +401,19 @@ class Node:
         try:
             with trio.move_on_after(cfg.view_change_deadline):
                 async with trio.open_nursery() as nursery:
-                    sources = pull_sources(old, new, self.node_id)
+                    held_data = old is not None
+                    if old is None:
+                        old = await self._learn_previous_view(new)
+                    sources = pull_sources(old, new, self.node_id, held_data)
                     self._pull_members = {m.id: m for m in sources}
                     self._pending_pulls = {
-                        m.id: self.replica.source_shard(m.id, new) for m in sources
+                        m.id: self.replica.source_shard(m.id, old, new) for m in sources
                     }
                     self.progress.pulls_pending = sorted(self._pending_pulls)
                     for source in sources:
                         nursery.start_soon(self._pull, source, new)
                     nursery.start_soon(self._hand_off, new)
-            self.replica.install_view(new, awaiting=set(self._pending_pulls.values()))
+            self.replica.install_view(new, old, awaiting=set(self._pending_pulls.values()))
             self.epoch += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
@@ -426,6 +429,38 @@ class Node:
         cfg = self.config
         base: float = min(cfg.handoff_retry_interval, cfg.gossip_interval * 2.0 ** (failures - 1))
         return base * random.uniform(0.5, 1.5)
+
+    async def _learn_previous_view(self, new: View) -> View | None:
+        """A node with no view asks the new view's members for theirs: if some still serve an
+        older view, that is where the keys we now own live, and we pull them from its owners.
+
+        The first different view that answers within ``connect_timeout`` wins; a fresh cluster
+        (no member has a different view) has nothing to pull.
+        """
+        found: list[View] = []
+
+        async def ask(member: Member, cancel: trio.CancelScope) -> None:
+            try:
+                resp = await self.sync_client.request(
+                    member.address, "GET", "/view", timeout=self.config.connect_timeout
+                )
+                raw = resp.json().get("view") if resp.status == 200 else None
+                if raw:
+                    view = parse_view({"view": raw}, self.config.vnodes)
+                    if view.view_id != new.view_id:
+                        found.append(view)
+                        cancel.cancel()
+            except (PeerUnavailable, ValueError, AttributeError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for member in new.members():
+                if member.id != self.node_id:
+                    nursery.start_soon(ask, member, nursery.cancel_scope)
+        if found:
+            log.info("node %s: learned previous view %s from peers", self.node_id,
+                     found[0].view_id)
+        return found[0] if found else None
 
     def _finish_progress(self) -> None:
         view = self.replica.view

@@ -193,25 +193,27 @@ class Replica:
             return True
         return self.prev_view.shard_for(key) in self.handoff_pending
 
-    def source_shard(self, member: int, new: View) -> str:
-        """Which old shard a pull source stands for (our own new shard when we had no view)."""
-        old = self.view if self.view is not None and self.view.view_id != new.view_id else None
-        if old is None:
+    def source_shard(self, member: int, previous: View | None, new: View) -> str:
+        """Which old shard a pull source stands for (our own new shard with no previous view)."""
+        if previous is None:
             return new.shard_of(self.node_id) or ""
-        return old.shard_of(member) or ""
+        return previous.shard_of(member) or ""
 
     def handoff_received(self, old_shard: str) -> None:
         self.handoff_pending.discard(old_shard)
 
-    def install_view(self, view: View, awaiting: Iterable[str] = ()) -> None:
-        """Serve ``view`` from now on; ``awaiting`` are old shards none of whose members we
-        could pull from yet.
+    def install_view(
+        self, view: View, previous: View | None = None, awaiting: Iterable[str] = ()
+    ) -> None:
+        """Serve ``view`` from now on.  ``previous`` is the view the keys came from (ours, or
+        one learned from peers); ``awaiting`` are its shards none of whose members we could pull
+        from yet.
 
         Every stream summary is reset (DESIGN invariant 5): claims about what a peer holds were
         made for the old keyspace, so they are re-earned by a full exchange under the new one.
         """
         if self.view is None or self.view.view_id != view.view_id:
-            self.prev_view = self.view or view
+            self.prev_view = previous or view
             self.handoff_pending = set(awaiting)
         self.view = view
         self.shard = view.shard_of(self.node_id)

@@ -171,7 +171,9 @@ def plan_moves(old: View | None, new: View) -> list[Move]:
     return moves
 
 
-def pull_sources(old: View | None, new: View, node_id: int) -> list[Member]:
+def pull_sources(
+    old: View | None, new: View, node_id: int, held_data: bool = True
+) -> list[Member]:
     """The old owners node ``node_id`` must pull from: every member of an old shard that owned
     some range this node owns under ``new``, unless the node already replicated that shard.
 
@@ -184,7 +186,7 @@ def pull_sources(old: View | None, new: View, node_id: int) -> list[Member]:
         # No previous view: a fresh node, or one restarted empty.  Its shard peers may hold
         # writes already pruned from clients' tokens as stable, so it must catch up first.
         return [m for m in new.shards[my_new] if m.id != node_id]
-    my_old = old.shard_of(node_id)
     shards = {src for _s, _e, src, dst in _overlay(old.ring, new.ring) if dst == my_new}
-    shards.discard(my_old or "")
+    if held_data:
+        shards.discard(old.shard_of(node_id) or "")
     return [m for s in sorted(shards) for m in old.shards[s] if m.id != node_id]
