@@ -30,7 +30,7 @@ class Config:
     # replication
     gossip_interval: float = 0.2  # retry period towards an unreachable peer
     heartbeat_interval: float = 5.0  # idle summary exchange; news is pushed at once anyway
-    replication_linger: float = 0.005  # least time between pushes to one peer under load
+    replication_linger: float = 0.015  # least time between pushes to one peer under load
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20
     # peer calls
