@@ -271,6 +271,13 @@ async def test_new_node_told_first_pulls_from_the_old_owners(autojump_clock):
             async with cluster.client(9) as c:
                 for k in owned:
                     assert (await get(c, k)).json()["value"] == expected[k]
+            # the old owners, still on the old view, were fenced by the pull: a write through
+            # them lands on the new owner, so a read there (even token-less) sees it
+            moved = sorted(owned)[0]
+            async with cluster.client(1) as c1, cluster.client(9) as c9:
+                await put(c1, moved, "after-pull")
+                assert (await get(c9, moved)).json()["value"] == "after-pull"
+            expected[moved] = "after-pull"
             await cluster.put_view(new, to=[1, 2])
             cluster.shards = new
             await check(cluster, expected, meta)

@@ -299,8 +299,15 @@ class Node:
         cfg = self.config
         view = self.replica.view
         assert view is not None
+        fence = self.replica.fence_for(key)
+        if fence is not None:
+            view = fence[0]  # a newer owner pulled this key from us
         shard = view.shard_for(key)
-        replicas = self._forward_order(view.shards[shard])
+        replicas = self._forward_order(
+            tuple(m for m in view.shards[shard] if m.id != self.node_id)
+        )
+        if not replicas:
+            return error(503, f"shard {shard} has no other replica to forward to", deps)
         body: dict[str, Any] = {"causal-metadata": render_metadata(deps)}
         if value is not None:
             body["value"] = value
@@ -363,6 +370,7 @@ class Node:
             "epoch": self.epoch,
             "view_id": view.view_id if view else None,
             "keys": len(self.replica.store),
+            "fenced_to": [{"view_id": v.view_id, "shard": s} for v, s in self.replica.fences],
             "change": asdict(self.progress),
         }
 
@@ -519,6 +527,7 @@ class Node:
             limit = max(1, min(int(raw["limit"]), self.config.handoff_batch_entries))
         except (KeyError, TypeError, ValueError, ViewError) as exc:
             raise WireError(f"malformed pull: {exc}") from exc
+        self.replica.fence(view, shard)
         entries, nxt = self.replica.pull_page(view, shard, after, limit)
         return {"entries": entries_to_wire(entries), "next": nxt}
 

@@ -48,13 +48,35 @@ class Replica:
         self.peer_origin: dict[int, str] = {}
         self.prev_view: View | None = None
         self.handoff_pending: set[str] = set()  # old shards no member of which has handed off
+        self.fences: list[tuple[View, str]] = []  # (newer view, shard) that pulled keys from us
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
-        return self.view is not None and self.view.shard_for(key) == self.shard
+        return (
+            self.view is not None
+            and self.view.shard_for(key) == self.shard
+            and not (self.fences and self.fence_for(key))
+        )
 
     def owner_shard(self, key: str) -> str | None:
         return None if self.view is None else self.view.shard_for(key)
+
+    def fence_for(self, key: str) -> tuple[View, str] | None:
+        """The newer view and shard that took ``key`` from us, if a new owner pulled it."""
+        for view, shard in self.fences:
+            if view.shard_for(key) == shard:
+                return view, shard
+        return None
+
+    def fence(self, view: View, shard: str) -> None:
+        """A node on ``view`` pulled ``shard``'s keys from us: from now on requests for them go
+        to it, or writes acknowledged here could be missed by reads there once stable."""
+        if (
+            self.view is not None
+            and self.view.view_id != view.view_id
+            and (view.view_id, shard) not in {(v.view_id, s) for v, s in self.fences}
+        ):
+            self.fences.append((view, shard))
 
     # ----------------------------------------------------------------- causality
     def unmet(self, key: str, deps: Mapping[str, Version]) -> bool:
@@ -215,6 +237,7 @@ class Replica:
         if self.view is None or self.view.view_id != view.view_id:
             self.prev_view = previous or view
             self.handoff_pending = set(awaiting)
+        self.fences = []
         self.view = view
         self.shard = view.shard_of(self.node_id)
         self.peers = [m for m in view.shards.get(self.shard or "", ()) if m.id != self.node_id]
