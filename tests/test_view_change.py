@@ -12,7 +12,7 @@ import trio
 from trio_kv.config import Config
 from trio_kv.testing import Cluster, add_node, open_cluster
 
-from .helpers import get, keys_of, put
+from .helpers import get, keys_of, pending, put
 
 
 class Traffic:
@@ -282,3 +282,30 @@ async def test_new_node_told_first_pulls_from_the_old_owners(autojump_clock):
             cluster.shards = new
             await check(cluster, expected, meta)
             nursery.cancel_scope.cancel()
+
+
+async def test_waiting_read_follows_its_key_to_the_new_owner(autojump_clock):
+    async with open_cluster({"A": 2}, spare=1) as cluster:
+        new = {"A": [1, 2], "B": [3]}
+        from trio_kv.view import parse_view
+
+        ring = parse_view(cluster.view_body(new))
+        key = next(f"m{i}" for i in range(1000) if ring.shard_for(f"m{i}") == "B")
+        cluster.network.cut(*cluster.address_of(1, 2))
+        async with cluster.client(1) as c1, cluster.client(2) as c2:
+            meta = await put(c1, key, "x1")  # only node 1 has it
+            done = trio.Event()
+            got: dict[str, Any] = {}
+
+            async def read() -> None:
+                r = await get(c2, key, meta)  # waits on node 2, which lacks it
+                got["status"], got["body"] = r.status_code, r.json()
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                assert await pending(done, 2)
+                await cluster.put_view(new, to=[1, 2, 3])  # the key moves to node 3
+                with trio.fail_after(10):
+                    await done.wait()
+            assert got["status"] == 200 and got["body"]["value"] == "x1"

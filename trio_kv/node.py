@@ -240,43 +240,53 @@ class Node:
         cfg = self.config
         wait = cfg.wait_deadline if budget is None else max(0.0, min(budget, cfg.wait_deadline))
         deadline = trio.current_time() + wait
-        if not await self._wait_for(self._ready.is_set, deadline):
-            return error(503, "view change in progress; try again", deps)
         replica = self.replica
-        if replica.view is None:
-            return error(503, "no view has been set on this node yet", deps)
-        if replica.shard is None:
-            return error(503, "this node is not part of the current view", deps)
-        if key is not None and not replica.owns(key):
-            if hops >= cfg.max_hops:
-                return error(503, "request forwarded too many times; views disagree", deps)
-            return await self._forward(method, key, deps, value, hops, deadline)
-        if (
-            method != "PUT"
-            and replica.awaiting_handoff(key)
-            and not await self._wait_for(lambda: not replica.awaiting_handoff(key), deadline)
-        ):
-            return error(
-                503, "this key's data is still being handed off by its previous owners, "
-                "which are unreachable; try again", deps,
-            )
+        while True:  # again if a view change moved the key while we waited
+            if not await self._wait_for(self._ready.is_set, deadline):
+                return error(503, "view change in progress; try again", deps)
+            epoch = self.epoch
+            if replica.view is None:
+                return error(503, "no view has been set on this node yet", deps)
+            if replica.shard is None:
+                return error(503, "this node is not part of the current view", deps)
+            if key is not None and not replica.owns(key):
+                if hops >= cfg.max_hops:
+                    return error(503, "request forwarded too many times; views disagree", deps)
+                return await self._forward(method, key, deps, value, hops, deadline)
+
+            def moved(epoch: int = epoch) -> bool:
+                return self.epoch != epoch or not self._ready.is_set()
+
+            def ready() -> bool:
+                if key is None:
+                    return not replica.unmet_in_shard(deps)
+                return not replica.unmet(key, deps)
+
+            if method != "PUT" and replica.awaiting_handoff(key):
+                if not await self._wait_for(
+                    lambda: moved() or not replica.awaiting_handoff(key), deadline
+                ):
+                    return error(
+                        503, "this key's data is still being handed off by its previous "
+                        "owners, which are unreachable; try again", deps,
+                    )
+                continue
+            if method != "PUT" and not ready():
+                if not await self._wait_for(lambda: moved() or ready(), deadline):
+                    return self._deps_timeout(deps, wait)
+                continue
+            return self._serve_locally(method, key, deps, value)
+
+    def _serve_locally(self, method: str, key: str | None, deps: Deps, value: str | None) -> Reply:
+        """Answer from this replica: ownership and dependencies were checked with no await since."""
+        replica = self.replica
         if key is None:
-            ok = await self._wait_for(lambda: not replica.unmet_in_shard(deps), deadline)
-            if not ok:
-                return self._deps_timeout(deps)
             items, out = replica.items(deps)
             return Reply(200, {"items": items, "causal-metadata": render_metadata(out)})
-        if method == "PUT":
-            assert value is not None
-            out = replica.write(key, value, deps, self.wall_ms())
-            self._notify()
-            return Reply(200, {"causal-metadata": render_metadata(out)})
-        if not await self._wait_for(lambda: not replica.unmet(key, deps), deadline):
-            return self._deps_timeout(deps)
-        if method == "DELETE":
-            if not replica.is_live(key):
+        if method == "PUT" or method == "DELETE":
+            if method == "DELETE" and not replica.is_live(key):
                 return error(404, f"key {key!r} does not exist", deps)
-            out = replica.write(key, None, deps, self.wall_ms())
+            out = replica.write(key, value, deps, self.wall_ms())
             self._notify()
             return Reply(200, {"causal-metadata": render_metadata(out)})
         entry, out = replica.read(key, deps)
@@ -284,11 +294,11 @@ class Node:
             return error(404, f"key {key!r} does not exist", out)
         return Reply(200, {"value": entry.value, "causal-metadata": render_metadata(out)})
 
-    def _deps_timeout(self, deps: Deps) -> Reply:
+    def _deps_timeout(self, deps: Deps, waited: float) -> Reply:
         return error(
             503,
             "causal dependencies not yet available on this replica; its shard may be "
-            f"partitioned (waited {self.config.wait_deadline:g}s)",
+            f"partitioned (waited {waited:g}s)",
             deps,
         )
 
