@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -60,7 +62,11 @@ app = Starlette(
 )
 
 
-async def main(host: str, port: int) -> None:
+async def serve_until_signal(
+    asgi_app: Any, host: str, port: int, *background: Callable[[], Awaitable[None]]
+) -> None:
+    """Serve like the node does (hypercorn trio worker, no access log, 30 s keep-alive) until
+    SIGTERM/SIGINT, with optional background tasks beside the server."""
     cfg = Config()
     cfg.bind = [f"{host}:{port}"]
     cfg.accesslog = None
@@ -75,8 +81,14 @@ async def main(host: str, port: int) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signal)
-        await serve(app, cfg, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        for task in background:
+            nursery.start_soon(task)
+        await serve(asgi_app, cfg, shutdown_trigger=stop.wait)
         nursery.cancel_scope.cancel()
+
+
+async def main(host: str, port: int) -> None:
+    await serve_until_signal(app, host, port)
 
 
 if __name__ == "__main__":

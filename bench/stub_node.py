@@ -12,14 +12,12 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 from functools import partial
 from typing import Any
 
 import httpx
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from ceiling_app import serve_until_signal  # bench/ is the script's directory
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -201,23 +199,7 @@ async def main(node_id: int, host: str, port: int) -> None:
             Route("/data/{key}", data_key, methods=["GET", "PUT", "DELETE"]),
         ]
     )
-    cfg = Config()
-    cfg.bind = [f"{host}:{port}"]
-    cfg.accesslog = None
-    cfg.keep_alive_timeout = 30
-    stop = trio.Event()
-
-    async def on_signal() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-            async for _ in sigs:
-                stop.set()
-                return
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signal)
-        nursery.start_soon(S.gossip)
-        await serve(app, cfg, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-        nursery.cancel_scope.cancel()
+    await serve_until_signal(app, host, port, S.gossip)
 
 
 if __name__ == "__main__":
