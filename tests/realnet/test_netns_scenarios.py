@@ -9,7 +9,6 @@ something does *not* happen for a while (a read that must keep waiting).
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from chaos.client import KVClient
 from chaos.history import History
 
-from .helpers import ClusterFactory, assert_causal, poll
+from .helpers import ClusterFactory, assert_causal, causal_chain_across_partition, poll
 
 pytestmark = pytest.mark.realnet
 
@@ -32,27 +31,10 @@ def test_causal_chain_waits_across_partition(netns_cluster: ClusterFactory,
     stale); once healed it must answer x.
     """
     cluster = netns_cluster(3)
-    a, b = cluster.url(1), cluster.url(2)
     history = History()
-    cluster.partition([1], [2, 3])
     with KVClient("c1", history) as c1, KVClient("c2", history) as c2, \
             KVClient("c3", history) as c3:
-        assert c1.put(a, "x", "x1").status == 200
-        assert c2.get(a, "x").value == "x1"
-        assert c2.put(b, "y", "y1").status == 200  # B accepts a write that depends on x
-        assert c3.get(b, "y").value == "y1"  # y is on B; reading it waits for nothing
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            started = time.monotonic()
-            pending = pool.submit(c3.get, b, "x")
-            time.sleep(2.0)  # must still be waiting: x cannot have reached B
-            assert not pending.done(), f"read of x answered during the cut: {pending.result()}"
-            healed = time.monotonic()
-            cluster.heal()
-            op = pending.result(timeout=30)
-        assert op.status == 200 and op.value == "x1", op
-        assert op.end - healed < 10, f"answered {op.end - healed:.1f}s after heal"
-        assert op.end - started >= 2.0
+        causal_chain_across_partition(cluster, history, (c1, c2, c3))
     assert_causal(history, cluster, dump_to=tmp_path / "history.jsonl")
 
 
