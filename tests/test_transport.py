@@ -69,5 +69,5 @@ async def test_refused_connection_is_reported_as_refused() -> None:
     client = PeerClient(real_client, concurrency=2, connect_timeout=1.0, keepalive_expiry=5.0)
     with trio.fail_after(5), pytest.raises(PeerUnavailable) as info:
         await client.request("127.0.0.1:1", "GET", "/", timeout=2.0)
-    assert info.value.refused
+    assert info.value.not_sent
     await client.aclose()

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
-from .node import BUDGET_HEADER, HOPS_HEADER, Node, Reply
+from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
 from .transport import SECRET_HEADER
 from .view import ViewError, parse_view
 
@@ -137,7 +137,8 @@ def build_app(node: Node) -> Starlette:
             if len(value.encode()) > cfg.max_value_bytes:
                 raise ApiError(413, f"value larger than {cfg.max_value_bytes} bytes")
         hops, budget = _forwarding(request)
-        return _reply(await node.data(request.method, key, deps, value, hops, budget))
+        write_id = request.headers.get(WRITE_ID_HEADER)
+        return _reply(await node.data(request.method, key, deps, value, hops, budget, write_id))
 
     async def data_all(request: Request) -> Response:
         body = await _body(request, cfg.max_request_bytes)

@@ -40,11 +40,13 @@ class Config:
     forward_concurrency: int = 64  # in-flight forwarded requests per node
     forward_retry_after: float = 5.0  # a replica that failed is tried last for this long
     max_hops: int = 3  # forwards between nodes that disagree on the view
+    dedup_entries: int = 10_000  # answers to forwarded writes kept to deduplicate retries
     # views
     vnodes: int = 128
     view_change_deadline: float = 12.0
     handoff_batch_entries: int = 1000
     handoff_retry_interval: float = 1.0
+    fence_probe_interval: float = 1.0  # while fenced, how often to ask the fencing shard
     # server
     keep_alive_timeout: float = 30.0
     shutdown_grace: float = 5.0

@@ -56,6 +56,7 @@ class SyncBatch:
     upto: int
     entries: list[tuple[str, Entry]]
     seen: dict[str, int]
+    positions: list[int]  # each entry's position in the sender's stream
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class SyncBatch:
             "upto": self.upto,
             "entries": [entry_to_wire(k, e) for k, e in self.entries],
             "seen": self.seen,
+            "positions": self.positions,
         }
 
     @classmethod
@@ -79,6 +81,7 @@ class SyncBatch:
                 upto=int(raw["upto"]),
                 entries=[entry_from_wire(e) for e in raw["entries"]],
                 seen={str(k): int(v) for k, v in raw["seen"].items()},
+                positions=[int(p) for p in raw["positions"]],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WireError("malformed sync batch") from exc

@@ -11,6 +11,7 @@ import math
 import random
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +37,12 @@ log = logging.getLogger("trio_kv.node")
 
 HOPS_HEADER = "x-kv-hops"
 BUDGET_HEADER = "x-kv-budget"
+WRITE_ID_HEADER = "x-kv-write-id"
+
+
+def _outcome_unknown(body: bytes) -> bool:
+    """A 503 saying a nested forward could not tell whether the write was applied."""
+    return b'"outcome":"unknown"' in body
 
 
 class TooManyWaiting(Exception):
@@ -116,9 +123,13 @@ class Node:
         self._view_installed = trio.Event()
         self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
         self._waiting = 0  # requests parked in _wait_for
+        self._write_ids = 0
+        # answers to forwarded writes by write id, so a retry is not applied twice
+        self._applied: OrderedDict[str, Reply] = OrderedDict()
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self._pending_pulls: dict[int, str] = {}  # old owner id -> the old shard it stands for
         self._pull_members: dict[int, Member] = {}  # pull sources of the current change
+        self._shards_not_pulled: set[str] = set()  # old shards no member of which handed over
         self.started = trio.Event()
 
     # ================================================================ services
@@ -128,6 +139,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._gossip_supervisor)
                 nursery.start_soon(self._coordinator)
+                nursery.start_soon(self._fence_watch)
                 self.started.set()
                 task_status.started()
         finally:
@@ -218,15 +230,27 @@ class Node:
         value: str | None = None,
         hops: int = 0,
         budget: float | None = None,
+        write_id: str | None = None,
     ) -> Reply:
-        """Serve or forward one client data request (``key`` None means ``GET /data``)."""
+        """Serve or forward one client data request (``key`` None means ``GET /data``).
+
+        ``write_id`` names a forwarded write: a retry of one already answered gets the same
+        answer instead of being applied again.
+        """
+        if write_id is not None and (done := self._applied.get(write_id)) is not None:
+            return done
         try:
-            return await self._data(method, key, deps, value, hops, budget)
+            reply = await self._data(method, key, deps, value, hops, budget)
         except TooManyWaiting:
             return error(
                 503, f"too many requests already waiting here (max_waiting="
                 f"{self.config.max_waiting}); try again shortly", deps,
             )
+        if write_id is not None and reply.status == 200:
+            self._applied[write_id] = reply
+            while len(self._applied) > self.config.dedup_entries:
+                self._applied.popitem(last=False)
+        return reply
 
     async def _data(
         self,
@@ -323,31 +347,53 @@ class Node:
             body["value"] = value
         content = dumps(body)
         path = "/data/" + quote(key, safe="")
+        headers = {HOPS_HEADER: str(hops + 1)}
+        if method != "GET":
+            # A write may reach a replica whose answer is then lost. Sent again elsewhere it
+            # would be applied twice, the copy with a later version that could overwrite a
+            # write made after the first (a causal anomaly). So after an ambiguous failure a
+            # write is retried only at the same replica, under an id it deduplicates.
+            self._write_ids += 1
+            headers[WRITE_ID_HEADER] = f"{self.replica.origin}.{self._write_ids}"
+        sticky: Member | None = None
         attempt = 0
         while True:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 break
-            target = replicas[attempt % len(replicas)]
+            target = sticky or replicas[attempt % len(replicas)]
             attempt += 1
             timeout = min(remaining, cfg.forward_attempt_timeout)
             # The target may wait for causal deps; it must answer before our attempt ends.
             budget = max(0.0, timeout - min(1.0, timeout / 4))
+            headers[BUDGET_HEADER] = f"{budget:.3f}"
             try:
                 resp = await self.forward_client.request(
                     target.address, method, path, content=content, timeout=timeout,
-                    headers={HOPS_HEADER: str(hops + 1), BUDGET_HEADER: f"{budget:.3f}"},
+                    headers=headers,
                 )
             except PeerUnavailable as exc:
                 log.debug("forward of %r to %s failed: %s", key, target.id, exc)
                 self._forward_failed[target.id] = trio.current_time()
-                if attempt % len(replicas) == 0:  # a full round failed: give the net a moment
+                if method != "GET" and not exc.not_sent:
+                    sticky = target
+                if sticky or attempt % len(replicas) == 0:  # give the network a moment
                     await trio.sleep(min(cfg.gossip_interval, max(0.0, remaining)))
                 continue
             self._forward_failed.pop(target.id, None)
-            if resp.status == 503 and trio.current_time() < deadline - 0.05:
+            if (
+                resp.status == 503
+                and sticky is None
+                and trio.current_time() < deadline - 0.05
+                and (method == "GET" or not _outcome_unknown(resp.body))
+            ):
                 continue  # that replica could not serve yet; another one may
             return Reply(resp.status, raw=resp.body)
+        if sticky is not None:
+            return error(
+                503, f"shard {shard}: replica {sticky.id} stopped answering after the write was "
+                "sent; it may or may not have been applied", deps, outcome="unknown",
+            )
         return error(503, f"shard {shard} unreachable: no replica answered in time", deps)
 
     def _forward_order(self, members: tuple[Member, ...]) -> list[Member]:
@@ -380,7 +426,10 @@ class Node:
             "epoch": self.epoch,
             "view_id": view.view_id if view else None,
             "keys": len(self.replica.store),
-            "fenced_to": [{"view_id": v.view_id, "shard": s} for v, s in self.replica.fences],
+            "fenced_to": [
+                {"view_id": f.view.view_id, "shard": f.shard, "waiting_on": sorted(f.waiting_on)}
+                for f in self.replica.fences
+            ],
             "change": asdict(self.progress),
         }
 
@@ -427,11 +476,12 @@ class Node:
                     self._pending_pulls = {
                         m.id: self.replica.source_shard(m.id, old, new) for m in sources
                     }
+                    self._shards_not_pulled = set(self._pending_pulls.values())
                     self.progress.pulls_pending = sorted(self._pending_pulls)
                     for source in sources:
                         nursery.start_soon(self._pull, source, new)
                     nursery.start_soon(self._hand_off, new)
-            self.replica.install_view(new, old, awaiting=set(self._pending_pulls.values()))
+            self.replica.install_view(new, old, awaiting=self._shards_not_pulled)
             self.epoch += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
@@ -441,6 +491,26 @@ class Node:
             self._finish_progress()
             self._notify()
         log.info("node %s: serving view %s (%s)", self.node_id, new.view_id, self.progress)
+
+    async def _fence_watch(self) -> None:
+        """While fenced, ask the fencing shards' members which view they serve, to lift the
+        fence once they serve ours (they may never contact us otherwise)."""
+        cfg = self.config
+        while True:
+            await trio.sleep(cfg.fence_probe_interval)
+            waiting = {m for f in self.replica.fences for m in f.waiting_on}
+            members = {f.view.member(m) for f in self.replica.fences for m in waiting}
+            for member in members - {None}:
+                assert member is not None
+                try:
+                    resp = await self.sync_client.request(
+                        member.address, "GET", "/view", timeout=cfg.connect_timeout
+                    )
+                    view_id = resp.json().get("view_id") if resp.status == 200 else None
+                except (PeerUnavailable, ValueError, AttributeError):
+                    continue
+                if isinstance(view_id, str):
+                    self.replica.peer_serves(member.id, view_id)
 
     def _backoff(self, failures: int) -> float:
         """Exponential, jittered, capped: retries keep trying without flooding a sick peer."""
@@ -495,7 +565,7 @@ class Node:
         shard = view.shard_of(self.node_id)
         cursor = ""
         failures = 0
-        while source.id in self._pending_pulls:  # another member of its shard may finish first
+        while source.id in self._pending_pulls:
             payload = {"view": view.to_json(), "shard": shard, "after": cursor,
                        "limit": cfg.handoff_batch_entries}
             try:
@@ -520,13 +590,14 @@ class Node:
         self._pull_done(source.id)
 
     def _pull_done(self, member: int) -> None:
-        """One member of an old shard handed everything over: the others need not."""
-        shard = self._pending_pulls.get(member)
+        """``member`` handed over everything.  Its old shard's keys can be served as soon as
+        one member has; the others are still pulled (which also fences them) until the
+        deadline, since they may hold writes the first did not."""
+        shard = self._pending_pulls.pop(member, None)
         if shard is None:
             return
-        for m in [m for m, s in self._pending_pulls.items() if s == shard]:
-            del self._pending_pulls[m]
         self.progress.pulls_pending = sorted(self._pending_pulls)
+        self._shards_not_pulled.discard(shard)
         self.replica.handoff_received(shard)
         self._notify()
 

@@ -27,6 +27,16 @@ from .store import Entry, Store
 from .view import Member, View
 
 
+@dataclass(slots=True)
+class Fence:
+    """Keys ``view`` assigns to ``shard`` were pulled from us; ``waiting_on`` are that shard's
+    members not yet seen serving our own view."""
+
+    view: View
+    shard: str
+    waiting_on: set[int]
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaLimits:
     batch_entries: int = 2000
@@ -48,7 +58,7 @@ class Replica:
         self.peer_origin: dict[int, str] = {}
         self.prev_view: View | None = None
         self.handoff_pending: set[str] = set()  # old shards no member of which has handed off
-        self.fences: list[tuple[View, str]] = []  # (newer view, shard) that pulled keys from us
+        self.fences: list[Fence] = []  # shards of other views that pulled keys from us
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
@@ -63,20 +73,29 @@ class Replica:
 
     def fence_for(self, key: str) -> tuple[View, str] | None:
         """The newer view and shard that took ``key`` from us, if a new owner pulled it."""
-        for view, shard in self.fences:
-            if view.shard_for(key) == shard:
-                return view, shard
+        for fence in self.fences:
+            if fence.view.shard_for(key) == fence.shard:
+                return fence.view, fence.shard
         return None
 
     def fence(self, view: View, shard: str) -> None:
         """A node on ``view`` pulled ``shard``'s keys from us: from now on requests for them go
         to it, or writes acknowledged here could be missed by reads there once stable."""
-        if (
-            self.view is not None
-            and self.view.view_id != view.view_id
-            and (view.view_id, shard) not in {(v.view_id, s) for v, s in self.fences}
-        ):
-            self.fences.append((view, shard))
+        if self.view is None or self.view.view_id == view.view_id:
+            return
+        if any(f.view.view_id == view.view_id and f.shard == shard for f in self.fences):
+            return
+        waiting = {m.id for m in view.shards[shard] if m.id != self.node_id}
+        self.fences.append(Fence(view, shard, waiting))
+
+    def peer_serves(self, member: int, view_id: str) -> None:
+        """``member`` now serves ``view_id``: once every member of a fencing shard serves our
+        own view, that fence is moot (our view's ownership is theirs too) and is lifted."""
+        if self.view is None or view_id != self.view.view_id:
+            return
+        for fence in self.fences:
+            fence.waiting_on.discard(member)
+        self.fences = [f for f in self.fences if f.waiting_on]
 
     # ----------------------------------------------------------------- causality
     def unmet(self, key: str, deps: Mapping[str, Version]) -> bool:
@@ -153,6 +172,7 @@ class Replica:
         after = self.claims.get(peer_id, 0)
         skip = self.peer_origin.get(peer_id)
         entries: list[tuple[str, Entry]] = []
+        positions: list[int] = []
         size = 0
         upto = after
         for seq, key, entry in self.store.since(after):
@@ -162,11 +182,13 @@ class Replica:
             if entry.source == skip or not self.owns(key):
                 continue  # the peer sent it to us, or it is not this shard's: nothing to ship
             entries.append((key, entry))
+            positions.append(seq)
             size += entry.size
         else:
             upto = self.store.head
         return SyncBatch(
-            self.node_id, self.origin, self.view.view_id, after, upto, entries, dict(self.seen)
+            self.node_id, self.origin, self.view.view_id, after, upto, entries, dict(self.seen),
+            positions,
         )
 
     def _is_peer(self, node_id: int) -> bool:
@@ -182,9 +204,17 @@ class Replica:
         if previous is not None and previous != batch.origin:
             self.seen.pop(previous, None)  # the peer restarted: its old stream is gone
         self.peer_origin[batch.sender] = batch.origin
-        changed = self.merge(batch.entries, source=batch.origin, own_only=True)
-        if batch.after <= self.seen.get(batch.origin, 0) < batch.upto:
-            self.seen[batch.origin] = batch.upto
+        # A key fenced here (a new owner pulled it) is not merged, and our confirmation stops
+        # just before it: confirming past it would let the sender count a write we will
+        # neither serve nor hand on as being on every replica, and prune it from tokens.
+        accepted, upto = batch.entries, batch.upto
+        for i, (key, _entry) in enumerate(batch.entries):
+            if self.fences and self.fence_for(key):
+                accepted, upto = batch.entries[:i], batch.positions[i] - 1
+                break
+        changed = self.merge(accepted, source=batch.origin, own_only=True)
+        if batch.after <= self.seen.get(batch.origin, 0) < upto:
+            self.seen[batch.origin] = upto
         return SyncReply(self.origin, view_id, self.seen.get(batch.origin, 0), True), changed
 
     def on_sync_reply(self, peer_id: int, reply: SyncReply) -> None:

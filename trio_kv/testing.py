@@ -1,10 +1,11 @@
 """In-process clusters for tests: N nodes in one trio run, joined by a fault-injecting network.
 
 Nodes talk through ``httpx`` over ``FaultyTransport``, which routes by address to each node's
-ASGI app and applies the network's faults: a *cut* link drops traffic silently (requests hang
-until the caller's cancel scope fires, as with an iptables DROP rule), a *down* node refuses
-connections, and links can be delayed.  Use with trio's autojump clock: seconds of simulated
-partition run in milliseconds.
+ASGI app and applies the network's faults, as an iptables DROP rule would: a request over a
+*cut* link cannot connect (a connect timeout: provably not sent), an answer over a cut return
+path never arrives (the caller's cancel scope ends the wait: it may have been applied), a
+*down* node refuses connections, and links can be delayed.  Use with trio's autojump clock:
+seconds of simulated partition run in milliseconds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .config import Config
 from .node import Node
 
 CLIENT = "client"
+CONNECT_TIMEOUT = 1.0
 
 
 class Network:
@@ -72,9 +74,14 @@ class FaultyTransport(httpx.AsyncBaseTransport):
         app = net.apps.get(dst)
         if app is None or dst in net.down:
             raise httpx.ConnectError(f"connection refused by {dst}", request=request)
+        if (self.src, dst) in net.blocked:
+            # A cut link: the connection cannot be made (SYN dropped), so the caller learns,
+            # after its connect timeout, that nothing was sent.
+            await trio.sleep(CONNECT_TIMEOUT)
+            raise httpx.ConnectTimeout(f"no route to {dst}", request=request)
         await self._hop(self.src, dst)
         response = await httpx.ASGITransport(app=app).handle_async_request(request)
-        await self._hop(dst, self.src)
+        await self._hop(dst, self.src)  # a cut return path: delivered, but no answer
         if dst in net.down:
             raise httpx.RemoteProtocolError("server went down mid-request", request=request)
         return response

@@ -41,11 +41,15 @@ class PeerResponse:
 
 
 class PeerUnavailable(Exception):
-    """The peer could not be reached or did not answer in time."""
+    """The peer could not be reached or did not answer in time.
 
-    def __init__(self, address: str, reason: str, refused: bool = False) -> None:
+    ``not_sent`` is True only when the request provably never reached the peer (the
+    connection was refused or never established); otherwise it may have been applied.
+    """
+
+    def __init__(self, address: str, reason: str, not_sent: bool = False) -> None:
         super().__init__(f"{address}: {reason}")
-        self.refused = refused
+        self.not_sent = not_sent
 
 
 class PeerClient:
@@ -98,26 +102,35 @@ class PeerClient:
         if content is not None:
             hdrs.setdefault("content-type", "application/json")
         url = f"http://{address}{path}"
-        with trio.move_on_after(timeout) as scope:
-            async with self.limiter:
-                for attempt in (1, 2):
-                    try:
-                        resp = await self._client_for(address).request(
-                            method, url, content=content, headers=hdrs,
-                            timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
-                        )
-                        return PeerResponse(
-                            resp.status_code, resp.content, resp.headers.get("content-type", "")
-                        )
-                    except httpx.RemoteProtocolError as exc:
-                        if attempt == 2:
-                            raise PeerUnavailable(address, str(exc)) from exc
-                    except httpx.ConnectError as exc:
-                        raise PeerUnavailable(address, f"connect failed: {exc}", True) from exc
-                    except (httpx.TransportError, OSError) as exc:
-                        raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
-        assert scope.cancelled_caught
+        # Each call is its own borrower: in-process (ASGITransport) a forwarded request that
+        # comes back to this node runs in the same task as the call that sent it.
+        borrower = object()
+        with trio.move_on_after(timeout):
+            await self.limiter.acquire_on_behalf_of(borrower)
+            try:
+                try:
+                    return await self._send(address, method, url, content, hdrs, timeout)
+                except httpx.RemoteProtocolError:
+                    return await self._send(address, method, url, content, hdrs, timeout)
+            except httpx.RemoteProtocolError as exc:
+                raise PeerUnavailable(address, str(exc)) from exc
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise PeerUnavailable(address, f"connect failed: {exc!r}", True) from exc
+            except (httpx.TransportError, OSError) as exc:
+                raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self.limiter.release_on_behalf_of(borrower)
         raise PeerUnavailable(address, f"no answer within {timeout:.1f}s")
+
+    async def _send(
+        self, address: str, method: str, url: str, content: bytes | None,
+        headers: dict[str, str], timeout: float,
+    ) -> PeerResponse:
+        resp = await self._client_for(address).request(
+            method, url, content=content, headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
+        )
+        return PeerResponse(resp.status_code, resp.content, resp.headers.get("content-type", ""))
 
     async def post_json(self, address: str, path: str, payload: Any, timeout: float) -> Any:
         """POST a peer message; the decoded JSON answer, or PeerUnavailable."""
