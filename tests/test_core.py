@@ -10,25 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_kv.clock import HybridClock, Version, merge_vectors, vector_covers
+from trio_kv.clock import HybridClock, Version
 from trio_kv.metadata import MetadataError, merge_deps, parse_metadata, render_metadata
 from trio_kv.replica import Replica
 from trio_kv.ring import Ring
 from trio_kv.store import Entry, Store
 from trio_kv.view import ViewError, parse_view, plan_moves, pull_sources
 
-vectors = st.dictionaries(st.sampled_from("abcde"), st.integers(0, 50), max_size=5)
 versions = st.builds(Version, st.integers(0, 1000), st.integers(0, 5))
 deps_st = st.dictionaries(st.sampled_from(["k1", "k2", "k3", "k4"]), versions, max_size=4)
-
-
-@given(vectors, vectors, vectors)
-def test_vector_merge_is_a_join(a, b, c):
-    assert merge_vectors(a, b) == merge_vectors(b, a)
-    assert merge_vectors(merge_vectors(a, b), c) == merge_vectors(a, merge_vectors(b, c))
-    assert merge_vectors(a, a) == {k: v for k, v in a.items() if v > 0}
-    m = merge_vectors(a, b)
-    assert vector_covers(m, a) and vector_covers(m, b)
 
 
 @given(deps_st, deps_st, deps_st)

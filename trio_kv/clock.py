@@ -9,7 +9,6 @@ larger version: causal order implies conflict order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 LOGICAL_BITS = 16
@@ -34,21 +33,3 @@ class HybridClock:
     def observe(self, hlc: int) -> None:
         if hlc > self.last:
             self.last = hlc
-
-
-def merge_vectors(*vectors: Mapping[str, int]) -> dict[str, int]:
-    """Pointwise maximum: the join of version vectors."""
-    out: dict[str, int] = {}
-    for vector in vectors:
-        for origin, seq in vector.items():
-            if seq > out.get(origin, 0):
-                out[origin] = seq
-    return out
-
-
-def vector_covers(big: Mapping[str, int], small: Mapping[str, int]) -> bool:
-    return all(big.get(origin, 0) >= seq for origin, seq in small.items())
-
-
-def max_version(versions: Iterable[Version]) -> Version | None:
-    return max(versions, default=None)

@@ -68,9 +68,6 @@ class Replica:
             and not (self.fences and self.fence_for(key))
         )
 
-    def owner_shard(self, key: str) -> str | None:
-        return None if self.view is None else self.view.shard_for(key)
-
     def fence_for(self, key: str) -> tuple[View, str] | None:
         """The newer view and shard that took ``key`` from us, if a new owner pulled it."""
         for fence in self.fences:

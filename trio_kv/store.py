@@ -10,7 +10,7 @@ plus ``entry.seq <= n`` proves that peer holds the key at a version at least as 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .clock import Version
@@ -42,7 +42,6 @@ class Store:
         self._stream: dict[int, str] = {}  # seq -> key, insertion order == seq order
         self._seqs: list[int] = []  # ascending, may hold dead seqs until compacted
         self.head = 0
-        self.live_bytes = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -65,11 +64,9 @@ class Store:
         if current is not None:
             if _rank(entry) <= _rank(current):
                 return False
-            self.live_bytes -= current.size
             self._stream.pop(current.seq, None)
         entry.seq = 0
         self.entries[key] = entry
-        self.live_bytes += entry.size
         self._restamp(key, entry)
         return True
 
@@ -77,7 +74,6 @@ class Store:
         entry = self.entries.pop(key, None)
         if entry is not None:
             self._stream.pop(entry.seq, None)
-            self.live_bytes -= entry.size
 
     def since(self, after: int) -> Iterator[tuple[int, str, Entry]]:
         """Current entries whose stream position is after ``after``, in stream order."""
@@ -87,6 +83,3 @@ class Store:
             key = self._stream.get(seq)
             if key is not None:
                 yield seq, key, self.entries[key]
-
-    def keys_where(self, keep: Callable[[str], bool]) -> list[str]:
-        return [k for k in self.entries if keep(k)]
