@@ -45,7 +45,7 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,25 +114,25 @@ class Anomaly:
 class History:
     """A thread-safe, append-only log of operations, shared by all clients of one scenario."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self.ops: list[Op] = []
+        self.clock = clock  # in-process runs pass trio's, so times match the nodes' logs
 
     def begin(self, client: str, kind: OpKind, key: str | None, value: str | None,
               node: str, meta_in: Any) -> Op:
         """Register an invocation; the caller fills in the answer with :meth:`finish`."""
         with self._lock:
             op = Op(id=len(self.ops), client=client, kind=kind, key=key, value=value,
-                    node=node, meta_in=meta_in, start=time.monotonic())
+                    node=node, meta_in=meta_in, start=self.clock())
             self.ops.append(op)
             return op
 
-    @staticmethod
-    def finish(op: Op, *, status: int | None, outcome: Outcome, value: str | None = None,
+    def finish(self, op: Op, *, status: int | None, outcome: Outcome, value: str | None = None,
                meta_out: Any = None, items: dict[str, str] | None = None,
                error: str | None = None) -> Op:
         """Record the answer of an operation begun with :meth:`begin`."""
-        op.end = time.monotonic()
+        op.end = self.clock()
         op.status = status
         op.outcome = outcome
         op.meta_out = meta_out

@@ -2,15 +2,17 @@
 and one way), heals and changes the view; the recorded history must pass the causal checker
 (chaos/history.py, POPL'17 bad patterns for last-writer-wins) and every shard must converge.
 
-Autojump clock: a minute of faults runs in a second.  ``KV_RANDOM_SEEDS=200`` runs more seeds;
-A seed fixes the schedule of faults and
-operations, not every timing, so rerun a failing seed several times."""
+Autojump clock: a minute of faults runs in a second.  ``KV_RANDOM_SEEDS=200`` (or ``200:400``)
+runs more seeds.  A seed fixes the schedule of faults and operations, not every timing, so rerun
+a failing seed several times."""
 
 from __future__ import annotations
 
 import os
 import random
 from typing import Any
+
+import logging
 
 import httpx
 import pytest
@@ -20,6 +22,8 @@ from chaos.history import History, check, check_convergence
 from trio_kv.testing import Cluster, open_cluster
 
 from .helpers import items
+
+log = logging.getLogger("tests.nemesis")
 
 FAULTS = ["partition", "isolate", "oneway", "heal"]
 MODES = {
@@ -82,23 +86,36 @@ async def nemesis(cluster: Cluster, rnd: random.Random, steps: int, actions: lis
     for _ in range(steps):
         action = rnd.choice(actions)
         net = cluster.network
+        log.info("t=%.3f nemesis: %s", trio.current_time(), action)
         if action == "partition":
             rnd.shuffle(addresses)
             cut = rnd.randrange(1, len(addresses))
             net.partition(addresses[:cut], addresses[cut:])
+            log.info("  %s | %s", addresses[:cut], addresses[cut:])
         elif action == "isolate":
-            net.isolate(rnd.choice(addresses))
+            net.isolate(lonely := rnd.choice(addresses))
+            log.info("  %s", lonely)
         elif action == "oneway":
             a, b = rnd.sample(addresses, 2)
             net.cut(a, b, both_ways=False)
+            log.info("  %s -> %s", a, b)
         elif action == "heal":
             net.heal()
         else:
-            await cluster.put_view(rnd.choice(VIEWS), to=list(cluster.nodes))
+            view = rnd.choice(VIEWS)
+            log.info("  %s", view)
+            await cluster.put_view(view, to=list(cluster.nodes))
+            log.info("t=%.3f  view installed everywhere", trio.current_time())
         await trio.sleep(rnd.uniform(0.5, 4))
 
 
-SEEDS = range(int(os.environ.get("KV_RANDOM_SEEDS", "8")))
+def _seeds(spec: str) -> range:
+    """``KV_RANDOM_SEEDS``: a count (``200``) or a half-open range (``200:400``)."""
+    first, _, last = spec.rpartition(":")
+    return range(int(first or 0), int(last))
+
+
+SEEDS = _seeds(os.environ.get("KV_RANDOM_SEEDS", "8"))
 
 
 @pytest.mark.parametrize(
@@ -114,7 +131,7 @@ SEEDS = range(int(os.environ.get("KV_RANDOM_SEEDS", "8")))
 async def test_random_faults_and_view_changes_keep_causality(autojump_clock, seed, mode, tmp_path):
     rnd = random.Random(seed)
     async with open_cluster({"A": 2, "B": 2}, spare=2) as cluster:
-        history = History()
+        history = History(clock=trio.current_time)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             for c in range(4):

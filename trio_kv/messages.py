@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 
 from .clock import Version
+from .handoff import Report, Scope
 from .metadata import Deps, deps_from_wire, deps_to_wire
 from .store import Entry
+from .view import parse_view
 
 
 class WireError(ValueError):
@@ -115,3 +117,42 @@ def entries_from_wire(raw: Any) -> list[tuple[str, Entry]]:
     if not isinstance(raw, list):
         raise WireError("entries must be a list")
     return [entry_from_wire(e) for e in raw]
+
+
+def scope_to_wire(scope: Scope) -> list[Any]:
+    view, shard = scope
+    return [view.to_json(), shard]
+
+
+def scope_from_wire(raw: Any, vnodes: int) -> Scope:
+    try:
+        view_raw, shard = raw
+        view = parse_view({"view": view_raw}, vnodes)
+    except (TypeError, ValueError) as exc:  # ViewError is a ValueError
+        raise WireError(f"malformed scope: {exc}") from exc
+    if not isinstance(shard, str) or shard not in view.shards:
+        raise WireError(f"malformed scope: no shard {shard!r} in its view")
+    return view, shard
+
+
+def report_to_wire(report: Report) -> dict[str, Any]:
+    return {
+        "view": report.view.to_json() if report.view else None,
+        "shard": report.shard,
+        "debts": [scope_to_wire(s) for s in report.debts],
+    }
+
+
+def report_from_wire(raw: Any, vnodes: int) -> Report:
+    """A pulled node's report; the view and shard must agree (the shard is absent only when
+    the node is not in its view)."""
+    try:
+        view = parse_view({"view": raw["view"]}, vnodes) if raw["view"] else None
+        shard, debts = raw["shard"], raw["debts"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"malformed report: {exc}") from exc
+    if shard is not None and (view is None or shard not in view.shards):
+        raise WireError("malformed report: its shard is not in its view")
+    if not isinstance(debts, list):
+        raise WireError("malformed report: debts must be a list")
+    return Report(view, shard, tuple(scope_from_wire(d, vnodes) for d in debts))

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import trio
 
 from .config import Config
+from .handoff import Pull
 from .messages import (
     SyncBatch,
     SyncReply,
@@ -27,11 +28,15 @@ from .messages import (
     dumps,
     entries_from_wire,
     entries_to_wire,
+    report_from_wire,
+    report_to_wire,
+    scope_from_wire,
+    scope_to_wire,
 )
 from .metadata import Deps, render_metadata
 from .replica import Replica, ReplicaLimits
 from .transport import ClientFactory, PeerClient, PeerUnavailable, real_client
-from .view import Member, View, ViewError, parse_view, pull_sources
+from .view import Member, View, ViewError, parse_view
 
 log = logging.getLogger("trio_kv.node")
 
@@ -127,9 +132,7 @@ class Node:
         # answers to forwarded writes by write id, so a retry is not applied twice
         self._applied: OrderedDict[str, Reply] = OrderedDict()
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
-        self._pending_pulls: dict[int, str] = {}  # old owner id -> the old shard it stands for
-        self._pull_members: dict[int, Member] = {}  # pull sources of the current change
-        self._shards_not_pulled: set[str] = set()  # old shards no member of which handed over
+        self._views: dict[str, View] = {}  # parsed views of peers' messages, by id
         self.started = trio.Event()
 
     # ================================================================ services
@@ -333,9 +336,9 @@ class Node:
         cfg = self.config
         view = self.replica.view
         assert view is not None
-        fence = self.replica.fence_for(key)
-        if fence is not None:
-            view = fence[0]  # a newer owner pulled this key from us
+        fenced_to = self.replica.fence_for(key)
+        if fenced_to is not None:
+            view = fenced_to  # a newer owner pulled this key from us
         shard = view.shard_for(key)
         replicas = self._forward_order(
             tuple(m for m in view.shards[shard] if m.id != self.node_id)
@@ -427,8 +430,13 @@ class Node:
             "view_id": view.view_id if view else None,
             "keys": len(self.replica.store),
             "fenced_to": [
-                {"view_id": f.view.view_id, "shard": f.shard, "waiting_on": sorted(f.waiting_on)}
-                for f in self.replica.fences
+                {"view_id": f.view.view_id, "shards": [s for _v, s in f.owners()],
+                 "waiting_on": sorted(f.waiting_on)}
+                for f in self.replica.custody.fences
+            ],
+            "awaiting": [
+                {"view_id": d.source[0].view_id, "shard": d.source[1]}
+                for d in self.replica.custody.debts.values()
             ],
             "change": asdict(self.progress),
         }
@@ -446,8 +454,7 @@ class Node:
                     assert view is not None
                     with trio.move_on_after(cfg.view_change_deadline):
                         async with trio.open_nursery() as nursery:
-                            for member_id in list(self._pending_pulls):
-                                nursery.start_soon(self._pull, self._pull_members[member_id], view)
+                            self._start_pulls(nursery, self.replica.custody.pending(), view)
                             nursery.start_soon(self._hand_off, view)
                     self._finish_progress()
                     continue
@@ -471,17 +478,11 @@ class Node:
                     held_data = old is not None
                     if old is None:
                         old = await self._learn_previous_view(new)
-                    sources = pull_sources(old, new, self.node_id, held_data)
-                    self._pull_members = {m.id: m for m in sources}
-                    self._pending_pulls = {
-                        m.id: self.replica.source_shard(m.id, old, new) for m in sources
-                    }
-                    self._shards_not_pulled = set(self._pending_pulls.values())
-                    self.progress.pulls_pending = sorted(self._pending_pulls)
-                    for source in sources:
-                        nursery.start_soon(self._pull, source, new)
+                    self.replica.begin_change(old, new, held_data)
+                    # new pulls, and those of earlier changes still unfinished
+                    self._start_pulls(nursery, self.replica.custody.pending(), new)
                     nursery.start_soon(self._hand_off, new)
-            self.replica.install_view(new, old, awaiting=self._shards_not_pulled)
+            self.replica.install_view(new)
             self.epoch += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
@@ -498,8 +499,8 @@ class Node:
         cfg = self.config
         while True:
             await trio.sleep(cfg.fence_probe_interval)
-            waiting = {m for f in self.replica.fences for m in f.waiting_on}
-            members = {f.view.member(m) for f in self.replica.fences for m in waiting}
+            waiting = {m for f in self.replica.custody.fences for m in f.waiting_on}
+            members = {f.view.member(m) for f in self.replica.custody.fences for m in waiting}
             for member in members - {None}:
                 assert member is not None
                 try:
@@ -556,17 +557,31 @@ class Node:
             sum(len(ks) for ks in self.replica.foreign_keys(view).values()) if view else 0
         )
         self.progress.keys_remaining = remaining
+        self.progress.pulls_pending = self.replica.custody.pending_members()
         pending = remaining or self.progress.pulls_pending
         self.progress.state = "pending" if pending else "idle"
 
-    async def _pull(self, source: Member, view: View) -> None:
-        """Fetch what we newly own from one old owner, page by page, retrying until done."""
+    def _start_pulls(self, nursery: trio.Nursery, pulls: list[Pull], view: View) -> None:
+        for pull in pulls:
+            nursery.start_soon(self._pull, pull, view, nursery)
+        self.progress.pulls_pending = self.replica.custody.pending_members()
+
+    async def _pull(self, pull: Pull, view: View, nursery: trio.Nursery) -> None:
+        """Fetch the keys of one debt from one old owner, page by page, retrying until done.
+
+        One member is enough to serve the debt's keys; the others are still pulled (which
+        also fences them), since they may hold writes the first did not.  What the member
+        could not vouch for becomes new pulls.
+        """
         cfg = self.config
-        shard = view.shard_of(self.node_id)
+        source, debt = pull.member, pull.debt
         cursor = ""
         failures = 0
-        while source.id in self._pending_pulls:
-            payload = {"view": view.to_json(), "shard": shard, "after": cursor,
+        within = [scope_to_wire(s) for s in debt.within]
+        if pull.round > 1:  # owed again: its sources were still settling; give them a moment
+            await trio.sleep(self._backoff(pull.round - 1))
+        while self.replica.custody.pulls.get((source.id, debt.ident)) is pull:
+            payload = {"view": view.to_json(), "within": within, "after": cursor,
                        "limit": cfg.handoff_batch_entries}
             try:
                 raw = await self.sync_client.post_json(
@@ -574,6 +589,7 @@ class Node:
                 )
                 entries = entries_from_wire(raw["entries"])
                 nxt = raw["next"]
+                report = None if nxt else report_from_wire(raw["report"], cfg.vnodes)
             except (PeerUnavailable, WireError, KeyError, TypeError) as exc:
                 log.info("pull from %s failed, retrying: %s", source.id, exc)
                 failures += 1
@@ -584,33 +600,29 @@ class Node:
             self.progress.keys_received += len(entries)
             self.progress.bytes_received += sum(e.size for _, e in entries)
             self._notify()
-            if not nxt:
-                break
+            if report is not None:
+                self._start_pulls(nursery, self.replica.pulled(pull, report), view)
+                self._notify()
+                return
             cursor = str(nxt)
-        self._pull_done(source.id)
-
-    def _pull_done(self, member: int) -> None:
-        """``member`` handed over everything.  Its old shard's keys can be served as soon as
-        one member has; the others are still pulled (which also fences them) until the
-        deadline, since they may hold writes the first did not."""
-        shard = self._pending_pulls.pop(member, None)
-        if shard is None:
-            return
-        self.progress.pulls_pending = sorted(self._pending_pulls)
-        self._shards_not_pulled.discard(shard)
-        self.replica.handoff_received(shard)
-        self._notify()
 
     def on_pull(self, raw: Any) -> dict[str, Any]:
+        vnodes = self.config.vnodes
         try:
-            view = parse_view({"view": raw["view"]}, self.config.vnodes)
-            shard, after = str(raw["shard"]), str(raw["after"])
+            view = parse_view({"view": raw["view"]}, vnodes)
+            within = [scope_from_wire(s, vnodes) for s in raw["within"]]
+            after = str(raw["after"])
             limit = max(1, min(int(raw["limit"]), self.config.handoff_batch_entries))
         except (KeyError, TypeError, ValueError, ViewError) as exc:
             raise WireError(f"malformed pull: {exc}") from exc
-        self.replica.fence(view, shard)
-        entries, nxt = self.replica.pull_page(view, shard, after, limit)
-        return {"entries": entries_to_wire(entries), "next": nxt}
+        if not within:
+            raise WireError("malformed pull: no scope to pull")
+        self.replica.fence(view, within)
+        entries, nxt = self.replica.pull_page(within, after, limit)
+        body: dict[str, Any] = {"entries": entries_to_wire(entries), "next": nxt}
+        if nxt is None:
+            body["report"] = report_to_wire(self.replica.custody.report())
+        return body
 
     def on_handoff(self, raw: Any) -> dict[str, Any]:
         try:

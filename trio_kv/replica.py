@@ -21,20 +21,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .clock import HybridClock, Version
+from .handoff import Custody, Pull, Report, Scope, in_scopes
 from .messages import SyncBatch, SyncReply
 from .metadata import Deps, merge_deps
 from .store import Entry, Store
 from .view import Member, View
-
-
-@dataclass(slots=True)
-class Fence:
-    """Keys ``view`` assigns to ``shard`` were pulled from us; ``waiting_on`` are that shard's
-    members not yet seen serving our own view."""
-
-    view: View
-    shard: str
-    waiting_on: set[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,43 +47,27 @@ class Replica:
         self.seen: dict[str, int] = {}  # origin -> how far we merged that origin's stream
         self.claims: dict[int, int] = {}  # peer id -> how far that peer merged OUR stream
         self.peer_origin: dict[int, str] = {}
-        self.prev_view: View | None = None
-        self.handoff_pending: set[str] = set()  # old shards no member of which has handed off
-        self.fences: list[Fence] = []  # shards of other views that pulled keys from us
+        self.custody = Custody(node_id)  # debts to old owners, fences for new ones
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
         return (
             self.view is not None
             and self.view.shard_for(key) == self.shard
-            and not (self.fences and self.fence_for(key))
+            and not (self.custody.fences and self.custody.fence_for(key))
         )
 
-    def fence_for(self, key: str) -> tuple[View, str] | None:
-        """The newer view and shard that took ``key`` from us, if a new owner pulled it."""
-        for fence in self.fences:
-            if fence.view.shard_for(key) == fence.shard:
-                return fence.view, fence.shard
-        return None
+    def fence_for(self, key: str) -> View | None:
+        """The newer view whose owners pulled ``key`` from us, if any: requests go there."""
+        return self.custody.fence_for(key) if self.custody.fences else None
 
-    def fence(self, view: View, shard: str) -> None:
-        """A node on ``view`` pulled ``shard``'s keys from us: from now on requests for them go
-        to it, or writes acknowledged here could be missed by reads there once stable."""
-        if self.view is None or self.view.view_id == view.view_id:
-            return
-        if any(f.view.view_id == view.view_id and f.shard == shard for f in self.fences):
-            return
-        waiting = {m.id for m in view.shards[shard] if m.id != self.node_id}
-        self.fences.append(Fence(view, shard, waiting))
+    def fence(self, view: View, within: list[Scope]) -> None:
+        """Owners under ``view`` pulled these keys from us: from now on requests for them go
+        there, or writes acknowledged here could be missed by reads there once stable."""
+        self.custody.fence(view, within, self.view)
 
     def peer_serves(self, member: int, view_id: str) -> None:
-        """``member`` now serves ``view_id``: once every member of a fencing shard serves our
-        own view, that fence is moot (our view's ownership is theirs too) and is lifted."""
-        if self.view is None or view_id != self.view.view_id:
-            return
-        for fence in self.fences:
-            fence.waiting_on.discard(member)
-        self.fences = [f for f in self.fences if f.waiting_on]
+        self.custody.peer_serves(member, view_id, self.view)
 
     # ----------------------------------------------------------------- causality
     def unmet(self, key: str, deps: Mapping[str, Version]) -> bool:
@@ -109,6 +84,8 @@ class Replica:
     def stable(self, key: str, version: Version) -> bool:
         entry = self.store.get(key)
         if entry is None or entry.version < version:
+            return False
+        if self.custody.pulls and self.custody.unfenced(key):
             return False
         return all(self.claims.get(p.id, 0) >= entry.seq for p in self.peers)
 
@@ -206,7 +183,7 @@ class Replica:
         # neither serve nor hand on as being on every replica, and prune it from tokens.
         accepted, upto = batch.entries, batch.upto
         for i, (key, _entry) in enumerate(batch.entries):
-            if self.fences and self.fence_for(key):
+            if self.fence_for(key):
                 accepted, upto = batch.entries[:i], batch.positions[i] - 1
                 break
         changed = self.merge(accepted, source=batch.origin, own_only=True)
@@ -234,37 +211,27 @@ class Replica:
 
     # ----------------------------------------------------------------- view change
     def awaiting_handoff(self, key: str | None) -> bool:
-        """True while ``key`` (any key, for None) came from an old shard none of whose members
-        has handed it over yet: answering from here could miss writes, even stable ones."""
-        if not self.handoff_pending or self.prev_view is None:
-            return False
-        if key is None:
-            return True
-        return self.prev_view.shard_for(key) in self.handoff_pending
+        """True while ``key`` (any key, for None) may have writes, even stable ones, that its
+        old owners have not handed over yet: answering from here could miss them."""
+        return self.custody.awaiting(key)
 
-    def source_shard(self, member: int, previous: View | None, new: View) -> str:
-        """Which old shard a pull source stands for (our own new shard with no previous view)."""
-        if previous is None:
-            return new.shard_of(self.node_id) or ""
-        return previous.shard_of(member) or ""
+    def begin_change(self, old: View | None, new: View, held_data: bool) -> list[Pull]:
+        """The pulls that give us custody of our range under ``new`` (see ``Custody``)."""
+        return self.custody.begin(old, new, held_data)
 
-    def handoff_received(self, old_shard: str) -> None:
-        self.handoff_pending.discard(old_shard)
+    def pulled(self, pull: Pull, report: Report) -> list[Pull]:
+        """The pull finished; returns the pulls its source's report adds (see ``Custody``)."""
+        return self.custody.pulled(pull, report)
 
-    def install_view(
-        self, view: View, previous: View | None = None, awaiting: Iterable[str] = ()
-    ) -> None:
-        """Serve ``view`` from now on.  ``previous`` is the view the keys came from (ours, or
-        one learned from peers); ``awaiting`` are its shards none of whose members we could pull
-        from yet.
+    def install_view(self, view: View) -> None:
+        """Serve ``view`` from now on.
 
         Every stream summary is reset (DESIGN invariant 5): claims about what a peer holds were
         made for the old keyspace, so they are re-earned by a full exchange under the new one.
         """
         if self.view is None or self.view.view_id != view.view_id:
-            self.prev_view = previous or view
-            self.handoff_pending = set(awaiting)
-        self.fences = []
+            self.custody.installed(view)
+        self.custody.target = view
         self.view = view
         self.shard = view.shard_of(self.node_id)
         self.peers = [m for m in view.shards.get(self.shard or "", ()) if m.id != self.node_id]
@@ -288,10 +255,12 @@ class Replica:
         return [(k, e) for k in keys if (e := self.store.get(k)) is not None]
 
     def pull_page(
-        self, view: View, shard: str, after_key: str, limit: int
+        self, within: list[Scope], after_key: str, limit: int
     ) -> tuple[list[tuple[str, Entry]], str | None]:
-        """Entries held here that ``shard`` owns under ``view``, in key order, after a cursor."""
-        keys = sorted(k for k in self.store.entries if k > after_key and view.shard_for(k) == shard)
+        """Entries held here in every scope of ``within``, in key order, after a cursor."""
+        keys = sorted(
+            k for k in self.store.entries if k > after_key and in_scopes(k, within)
+        )
         page = keys[:limit]
         more = page[-1] if len(keys) > limit else None
         return self.entries_for(page), more

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from .ring import HASH_SPACE, Ring
@@ -30,7 +31,7 @@ class View:
     shards: dict[str, tuple[Member, ...]]
     vnodes: int = field(default=128, compare=False)
 
-    @cached_property
+    @functools.cached_property
     def view_id(self) -> str:
         """Same view, same id on every node: lets peers notice they disagree."""
         canonical = sorted(
@@ -39,15 +40,15 @@ class View:
         )
         return hashlib.blake2b(json.dumps(canonical).encode(), digest_size=8).hexdigest()
 
-    @cached_property
+    @functools.cached_property
     def ring(self) -> Ring:
-        return Ring(self.shards, self.vnodes)
+        return _ring(frozenset(self.shards), self.vnodes)
 
-    @cached_property
+    @functools.cached_property
     def _shard_of_node(self) -> dict[int, str]:
         return {m.id: name for name, members in self.shards.items() for m in members}
 
-    @cached_property
+    @functools.cached_property
     def _members(self) -> dict[int, Member]:
         return {m.id: m for members in self.shards.values() for m in members}
 
@@ -68,6 +69,13 @@ class View:
             name: [{"address": m.address, "id": m.id} for m in members]
             for name, members in self.shards.items()
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _ring(shard_names: frozenset[str], vnodes: int) -> Ring:
+    """Rings depend on shard names only; peers' messages carry the same few views again and
+    again."""
+    return Ring(shard_names, vnodes)
 
 
 def _parse_id(raw: object) -> int:
@@ -171,22 +179,13 @@ def plan_moves(old: View | None, new: View) -> list[Move]:
     return moves
 
 
-def pull_sources(
-    old: View | None, new: View, node_id: int, held_data: bool = True
-) -> list[Member]:
-    """The old owners node ``node_id`` must pull from: every member of an old shard that owned
-    some range this node owns under ``new``, unless the node already replicated that shard.
-
-    Covers shards that gained ranges, nodes that joined, and nodes that moved between shards.
-    """
-    my_new = new.shard_of(node_id)
-    if my_new is None or (old is not None and old.view_id == new.view_id):
-        return []
-    if old is None:
-        # No previous view: a fresh node, or one restarted empty.  Its shard peers may hold
-        # writes already pruned from clients' tokens as stable, so it must catch up first.
-        return [m for m in new.shards[my_new] if m.id != node_id]
-    shards = {src for _s, _e, src, dst in _overlay(old.ring, new.ring) if dst == my_new}
-    if held_data:
-        shards.discard(old.shard_of(node_id) or "")
-    return [m for s in sorted(shards) for m in old.shards[s] if m.id != node_id]
+def shards_within(view: View, within: Sequence[tuple[View, str]]) -> set[str]:
+    """Shards of ``view`` owning some key that every ``(v, shard)`` of ``within`` gives to
+    ``shard``: where custody of a range of one view lies under another."""
+    rings = [view.ring, *(v.ring for v, _ in within)]
+    cuts = sorted({0}.union(*({p + 1 for p in r.positions} for r in rings)))
+    return {
+        _owner_at(view.ring, start)
+        for start in cuts
+        if start < HASH_SPACE and all(_owner_at(v.ring, start) == s for v, s in within)
+    }

@@ -1,0 +1,181 @@
+"""Core tests of custody across view changes (trio_kv/handoff.py): who a node pulls from, when
+it may serve a key, and how unsettled debts survive further changes and pass to new owners."""
+
+from __future__ import annotations
+
+from trio_kv.handoff import Custody, Debt, Report
+from trio_kv.view import View, parse_view, shards_within
+
+
+def _view(shards: dict[str, list[int]]) -> View:
+    return parse_view(
+        {"view": {s: [{"address": f"10.0.0.{i}:8081", "id": i} for i in ids]
+                  for s, ids in shards.items()}}
+    )
+
+
+KEYS = [f"k{i}" for i in range(2000)]
+
+
+def _key_in(view: View, shard: str, *also: tuple[View, str]) -> str:
+    return next(k for k in KEYS if view.shard_for(k) == shard
+                and all(v.shard_for(k) == s for v, s in also))
+
+
+def _sources(pulls) -> set[tuple[int, str]]:
+    return {(p.member.id, p.debt.source[1]) for p in pulls}
+
+
+def _from(pulls, member: int):
+    return next(p for p in pulls if p.member.id == member)
+
+
+def test_shards_within_matches_keys():
+    old, new = _view({"A": [1], "B": [2]}), _view({"A": [1], "B": [2], "C": [3]})
+    for shard in "AB":
+        found = {new.shard_for(k) for k in KEYS if old.shard_for(k) == shard}
+        assert shards_within(new, [(old, shard)]) == found
+    assert shards_within(new, [(new, "C"), (old, "A"), (new, "A")]) == set()
+
+
+def test_an_identical_view_needs_no_pulls():
+    v = _view({"A": [1, 2], "B": [3]})
+    custody = Custody(1)
+    assert custody.begin(v, _view({"B": [3], "A": [2, 1]}), held_data=True) == []
+    assert not custody.awaiting(None)
+
+
+def test_a_node_pulls_only_the_old_shards_of_its_new_range():
+    old = _view({"A": [1, 2], "B": [3, 4]})
+    new = _view({"A": [1], "B": [3, 4], "C": [2]})  # node 2 moves from A to C
+    custody = Custody(2)
+    pulls = custody.begin(old, new, held_data=True)
+    # it held A's keys itself: only B's members are pulled from
+    assert _sources(pulls) == {(3, "B"), (4, "B")}
+    moved = _key_in(new, "C", (old, "B"))
+    assert custody.awaiting(moved)
+    assert not custody.awaiting(_key_in(new, "C", (old, "A")))
+    assert not custody.awaiting(_key_in(new, "A"))  # not ours: nothing to wait for
+    # one member of B handing over is enough to serve B's former keys
+    assert custody.pulled(_from(pulls, 3), Report(old, "B")) == []
+    assert not custody.awaiting(moved)
+    # until every old owner was pulled from (and so fenced), writes stay out of "stable"
+    assert custody.unfenced(moved)
+    custody.pulled(_from(pulls, 4), Report(old, "B"))
+    assert not custody.unfenced(moved) and custody.pending() == []
+
+
+def test_a_fresh_node_pulls_its_shard_from_its_peers():
+    new = _view({"A": [1, 2]})
+    custody = Custody(2)
+    pulls = custody.begin(None, new, held_data=False)
+    assert _sources(pulls) == {(1, "A")}
+    custody.pulled(pulls[0], Report(None, None))  # a fresh cluster: nothing to take
+    assert not custody.awaiting(None) and custody.pulls == {}
+
+
+def test_an_unsettled_debt_survives_the_next_view_change():
+    """Seed 215 of the randomized test: A={2,6} -> A={1,2,3} (1 and 3 cannot reach 2 or 6, so
+    1 installs owing A's keys) -> A={1,2}: 1 keeps its shard, so it pulls nothing for the new
+    change, but it still owes what it never got from {2,6}."""
+    v1 = _view({"A": [2, 6], "B": [3, 4], "C": [1, 5]})
+    v2 = _view({"A": [1, 2, 3], "B": [4, 5]})
+    v3 = _view({"A": [1, 2], "B": [3, 4]})
+    custody = Custody(1)
+    custody.begin(v1, v2, held_data=True)
+    key = _key_in(v2, "A", (v1, "A"))
+    assert custody.awaiting(key)
+    custody.begin(v2, v3, held_data=True)
+    assert custody.awaiting(key)
+    assert {p.member.id for p in custody.pending()} >= {2, 6}
+
+
+def test_a_source_that_owes_passes_its_debt_on():
+    """A -> B -> C where B never got A's keys: C pulling from B must not take B's word for them."""
+    v1 = _view({"A": [1, 2], "B": [3, 4], "C": [5, 6]})
+    v2 = _view({"A": [3, 4], "B": [1, 2], "C": [5, 6]})  # shards swap members
+    v3 = _view({"A": [5, 6], "B": [1, 2], "C": [3, 4]})
+    key = _key_in(v1, "A")
+    b = Custody(3)
+    b.begin(v1, v2, held_data=True)  # 3 now owns A's keys: owes (v1, A)
+    assert b.awaiting(key)
+    c = Custody(5)
+    pulls = c.begin(v2, v3, held_data=True)
+    again = c.pulled(_from(pulls, 3), b.report())
+    assert c.awaiting(key)  # not settled by 3's word: it is pulled from A's members of v1
+    assert _sources(again) == {(1, "A"), (2, "A")}
+    # 1 moved on to B: it handed A's keys to v2's A members and may have dropped them since
+    # 3 was pulled, so A of v2 is owed again, in a new round (the shell backs off)
+    third = c.pulled(_from(again, 1), Report(v2, "B"))
+    assert c.awaiting(key)
+    assert _sources(third) == {(3, "A")} and third[0].round == 2
+    assert {p.member.id for p in c.pending()} >= {3, 4}
+    # 4's pull began before A of v2 was owed again: it cannot settle it, it starts over
+    restarted = c.pulled(_from(pulls, 4), Report(v2, "A"))
+    assert [p.round for p in restarted] == [2] and c.awaiting(key)
+    # 3 has its keys by now and owes nothing: settled
+    c.pulled(third[0], Report(v2, "A"))
+    assert not c.awaiting(key)
+
+
+def test_a_source_on_another_view_vouches_only_for_its_range_there():
+    v1 = _view({"A": [1, 2], "B": [3, 4]})
+    v2 = _view({"A": [1, 2], "B": [3, 4], "C": [5, 6]})
+    custody = Custody(5)
+    pulls = custody.begin(v1, v2, held_data=False)
+    # node 1 serves some other view, where some of those keys are shard D's: it vouches for
+    # its own range there only, D's members are owed the rest
+    other = _view({"A": [1], "D": [2]})
+    assert shards_within(other, [(v1, "A"), (v2, "C")]) == {"A", "D"}
+    again = custody.pulled(_from(pulls, 1), Report(other, "A"))
+    assert _sources(again) == {(2, "D")}
+    assert custody.awaiting(_key_in(v2, "C", (v1, "A"), (other, "D")))
+    assert not custody.awaiting(_key_in(v2, "C", (v1, "A"), (other, "A")))
+
+
+def test_fences_become_debts_when_their_keys_come_back():
+    v1 = _view({"A": [1, 2], "B": [3, 4]})
+    v2 = _view({"A": [1, 2], "B": [3, 4], "C": [5, 6]})
+    custody = Custody(1)
+    custody.begin(None, v1, held_data=False)
+    custody.pulled(custody.pending()[0], Report(v1, "A"))  # fresh: 2 has nothing
+    assert not custody.awaiting(None)
+    # 5 and 6, on v2, pulled C's keys that came from A: forward them there
+    custody.fence(v2, [(v1, "A"), (v2, "C")], v1)
+    key = _key_in(v2, "C", (v1, "A"))
+    assert custody.fence_for(key) is v2
+    assert custody.report().debts  # whoever pulls from us learns C's owners may have more
+    # we skip v2 and install a view where we own those keys again: C's owners are owed
+    v3 = _view({"A": [1, 2], "B": [3, 4]})
+    custody.installed(v3)
+    assert custody.fences == [] and custody.awaiting(key)
+    assert {d.source[1] for d in custody.debts.values()} == {"C"}
+
+
+def test_a_cycle_of_debts_waits_for_a_source_to_settle_then_ends():
+    """1 owes v2's A (whose member 2 it cannot reach) and 2 owes v1's A: the keys wait, pulled
+    in rounds, until one of them settles; then the chain ends."""
+    v1 = _view({"A": [1], "B": [4]})
+    v2 = _view({"A": [2], "B": [4]})
+    c = Custody(3)
+    new = _view({"A": [3], "B": [4]})
+    pulls = c.begin(v1, new, held_data=False)
+    rounds = 0
+    while pulls:
+        pull = pulls.pop()
+        view = pull.debt.source[0]
+        other = v2 if view is v1 else v1
+        owes = ((other, "A"),) if rounds < 6 else ()  # the seventh answer owes nothing
+        pulls += c.pulled(pull, Report(view, "A", owes))
+        rounds += 1
+        assert c.awaiting(None) == bool(pulls)
+    assert rounds == 7 and not c.debts and not c.pulls
+
+
+def test_debt_identity_and_cover():
+    v1 = _view({"A": [1], "B": [2]})
+    v2 = _view({"A": [1], "B": [2], "C": [3]})
+    debt = Debt((v1, "A"), (v2, "C"))
+    key = _key_in(v2, "C", (v1, "A"))
+    assert debt.covers(key) and not debt.covers(_key_in(v2, "C", (v1, "B")))
+    assert debt.ident == Debt((_view({"A": [1], "B": [2]}), "A"), (v2, "C")).ident
