@@ -29,10 +29,6 @@ def in_scopes(key: str, scopes: Iterable[Scope]) -> bool:
     return all(view.shard_for(key) == shard for view, shard in scopes)
 
 
-def _same(a: Scope, b: Scope) -> bool:
-    return a[0].view_id == b[0].view_id and a[1] == b[1]
-
-
 @dataclass(frozen=True)
 class Debt:
     """Keys of ``source`` that also fall in ``scope`` (the range this node took custody of)
@@ -108,6 +104,7 @@ class Custody:
     rounds: dict[DebtId, int] = field(default_factory=dict)  # times owed, while any pending
     pulls: dict[tuple[int, DebtId], Pull] = field(default_factory=dict)  # not yet finished
     fences: list[Fence] = field(default_factory=list)
+    lived: set[str] = field(default_factory=set)  # views this incarnation installed
 
     # ----------------------------------------------------------------- incoming
     def begin(self, old: View | None, new: View, held_data: bool) -> list[Pull]:
@@ -131,7 +128,9 @@ class Custody:
             if held_data and mine is not None:
                 sources = [s for s in sources if s[1] != mine]
         started: list[Pull] = []
-        for source in sources + self._fenced_owners(scope):
+        for source in sources:
+            started += self._owe(Debt(source, scope), amnesiac=old is None or not held_data)
+        for source in self._fenced_owners(scope):
             started += self._owe(Debt(source, scope))
         return started
 
@@ -139,11 +138,21 @@ class Custody:
         """Keys pulled from us by a view we then skipped may have changed at their new owners."""
         return [
             owner for f in self.fences for owner in f.owners()
-            if shards_within(owner[0], [owner, *f.within, scope]) and not _same(owner, scope)
+            if shards_within(owner[0], [owner, *f.within, scope])
         ]
 
-    def _owe(self, debt: Debt) -> list[Pull]:
+    def _owe(self, debt: Debt, amnesiac: bool = False) -> list[Pull]:
+        """Owe ``debt`` unless we hold what it stands for: if we are a member of its shard in
+        a view this incarnation installed (or is installing), every write that became stable
+        there was confirmed by us, so we hold it or handed it on (which our report tells).
+        ``amnesiac``: this node holds nothing of its own past (fresh, or restarted empty)."""
         if debt.ident in self.debts:
+            return []
+        view, _shard = debt.source
+        lived = view.view_id in self.lived or (
+            self.target is not None and view.view_id == self.target.view_id
+        )
+        if not amnesiac and lived and any(m.id == self.node_id for m in debt.members()):
             return []
         others = [m for m in debt.members() if m.id != self.node_id]
         if not others:  # we were its only member: what it held, we hold
@@ -182,8 +191,6 @@ class Custody:
                     if s != report.shard
                 ]
             for source in inherited:
-                if _same(source, debt.scope):
-                    continue  # we are a member of that shard: what it made stable, we hold
                 if shards_within(source[0], [source, *debt.within]):
                     started += self._owe(Debt(source, debt.scope))
         if not self.debts and not self.pulls:
@@ -245,6 +252,7 @@ class Custody:
 
     def installed(self, view: View) -> None:
         """Serving ``view`` now: fences become debts for whatever of their keys we own."""
+        self.lived.add(view.view_id)
         shard = view.shard_of(self.node_id)
         if shard is not None:
             for owner in self._fenced_owners((view, shard)):

@@ -59,12 +59,14 @@ class SyncBatch:
     entries: list[tuple[str, Entry]]
     seen: dict[str, int]
     positions: list[int]  # each entry's position in the sender's stream
+    epoch: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "sender": self.sender,
             "origin": self.origin,
             "view_id": self.view_id,
+            "epoch": self.epoch,
             "after": self.after,
             "upto": self.upto,
             "entries": [entry_to_wire(k, e) for k, e in self.entries],
@@ -84,6 +86,7 @@ class SyncBatch:
                 entries=[entry_from_wire(e) for e in raw["entries"]],
                 seen={str(k): int(v) for k, v in raw["seen"].items()},
                 positions=[int(p) for p in raw["positions"]],
+                epoch=int(raw["epoch"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WireError("malformed sync batch") from exc
@@ -95,16 +98,17 @@ class SyncReply:
     view_id: str
     seen: int  # how far the replier has merged the sender's stream
     accepted: bool
+    epoch: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {"origin": self.origin, "view_id": self.view_id, "seen": self.seen,
-                "accepted": self.accepted}
+                "accepted": self.accepted, "epoch": self.epoch}
 
     @classmethod
     def from_wire(cls, raw: Any) -> SyncReply:
         try:
             return cls(str(raw["origin"]), str(raw["view_id"]), int(raw["seen"]),
-                       bool(raw["accepted"]))
+                       bool(raw["accepted"]), int(raw["epoch"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError("malformed sync reply") from exc
 

@@ -120,7 +120,7 @@ class Node:
             client_factory, config.forward_concurrency, config.connect_timeout, keepalive,
             config.cluster_secret,
         )
-        self.epoch = 0
+        self._installs = 0  # views installed so far: a parked request re-checks ownership
         self.progress = ChangeProgress()
         self._changed = trio.Event()  # replaced on every data change: wakes readers, senders
         self._ready = trio.Event()  # set while no view change is in progress
@@ -208,6 +208,7 @@ class Node:
                 log.debug("sync to %s failed: %s", peer.id, exc)
                 await trio.sleep(cfg.gossip_interval * random.uniform(0.5, 1.5))
                 continue
+            self._observe_epoch(peer.id, reply.epoch, reply.view_id)
             self.replica.on_sync_reply(peer.id, reply)
             if not reply.accepted:
                 await trio.sleep(cfg.gossip_interval * random.uniform(0.5, 1.5))
@@ -219,6 +220,7 @@ class Node:
 
     def on_sync(self, raw: Any) -> dict[str, Any]:
         batch = SyncBatch.from_wire(raw)
+        self._observe_epoch(batch.sender, batch.epoch, batch.view_id)
         reply, changed = self.replica.on_sync(batch)
         if changed:
             self._notify()
@@ -271,7 +273,7 @@ class Node:
         while True:  # again if a view change moved the key while we waited
             if not await self._wait_for(self._ready.is_set, deadline):
                 return error(503, "view change in progress; try again", deps)
-            epoch = self.epoch
+            installs = self._installs
             if replica.view is None:
                 return error(503, "no view has been set on this node yet", deps)
             if replica.shard is None:
@@ -281,8 +283,8 @@ class Node:
                     return error(503, "request forwarded too many times; views disagree", deps)
                 return await self._forward(method, key, deps, value, hops, deadline)
 
-            def moved(epoch: int = epoch) -> bool:
-                return self.epoch != epoch or not self._ready.is_set()
+            def moved(installs: int = installs) -> bool:
+                return self._installs != installs or not self._ready.is_set()
 
             def ready() -> bool:
                 if key is None:
@@ -426,7 +428,8 @@ class Node:
             "view": view.to_json() if view else None,
             "id": self.node_id,
             "shard": self.replica.shard,
-            "epoch": self.epoch,
+            "epoch": self.replica.epoch,
+            "newer_view_seen": asdict(newer) if (newer := self.replica.newer_view) else None,
             "view_id": view.view_id if view else None,
             "keys": len(self.replica.store),
             "fenced_to": [
@@ -483,7 +486,7 @@ class Node:
                     self._start_pulls(nursery, self.replica.custody.pending(), new)
                     nursery.start_soon(self._hand_off, new)
             self.replica.install_view(new)
-            self.epoch += 1
+            self._installs += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
         finally:
@@ -523,33 +526,35 @@ class Node:
         """A node with no view asks the new view's members for theirs: if some still serve an
         older view, that is where the keys we now own live, and we pull them from its owners.
 
-        The first different view that answers within ``connect_timeout`` wins; a fresh cluster
-        (no member has a different view) has nothing to pull.
+        Of the different views that answer within ``connect_timeout``, the one with the
+        highest epoch wins; a fresh cluster (no member has a different view) has nothing to
+        pull.
         """
-        found: list[View] = []
+        found: list[tuple[int, View]] = []
 
-        async def ask(member: Member, cancel: trio.CancelScope) -> None:
+        async def ask(member: Member) -> None:
             try:
                 resp = await self.sync_client.request(
                     member.address, "GET", "/view", timeout=self.config.connect_timeout
                 )
-                raw = resp.json().get("view") if resp.status == 200 else None
-                if raw:
-                    view = parse_view({"view": raw}, self.config.vnodes)
+                status = resp.json() if resp.status == 200 else {}
+                if status.get("view"):
+                    view = parse_view({"view": status["view"]}, self.config.vnodes)
                     if view.view_id != new.view_id:
-                        found.append(view)
-                        cancel.cancel()
-            except (PeerUnavailable, ValueError, AttributeError):
+                        found.append((int(status.get("epoch", 0)), view))
+            except (PeerUnavailable, ValueError, AttributeError, TypeError):
                 pass
 
         async with trio.open_nursery() as nursery:
             for member in new.members():
                 if member.id != self.node_id:
-                    nursery.start_soon(ask, member, nursery.cancel_scope)
-        if found:
-            log.info("node %s: learned previous view %s from peers", self.node_id,
-                     found[0].view_id)
-        return found[0] if found else None
+                    nursery.start_soon(ask, member)
+        if not found:
+            return None
+        epoch, view = max(found, key=lambda f: f[0])
+        log.info("node %s: learned previous view %s (epoch %s) from peers", self.node_id,
+                 view.view_id, epoch)
+        return view
 
     def _finish_progress(self) -> None:
         view = self.replica.view
@@ -582,7 +587,7 @@ class Node:
             await trio.sleep(self._backoff(pull.round - 1))
         while self.replica.custody.pulls.get((source.id, debt.ident)) is pull:
             payload = {"view": view.to_json(), "within": within, "after": cursor,
-                       "limit": cfg.handoff_batch_entries}
+                       "limit": cfg.handoff_batch_entries, **self._whoami()}
             try:
                 raw = await self.sync_client.post_json(
                     source.address, "/internal/pull", payload, cfg.peer_timeout
@@ -590,6 +595,7 @@ class Node:
                 entries = entries_from_wire(raw["entries"])
                 nxt = raw["next"]
                 report = None if nxt else report_from_wire(raw["report"], cfg.vnodes)
+                self._observe_epoch(source.id, raw.get("epoch"), raw.get("view_id"))
             except (PeerUnavailable, WireError, KeyError, TypeError) as exc:
                 log.info("pull from %s failed, retrying: %s", source.id, exc)
                 failures += 1
@@ -617,18 +623,40 @@ class Node:
             raise WireError(f"malformed pull: {exc}") from exc
         if not within:
             raise WireError("malformed pull: no scope to pull")
+        self._observe_epoch(raw.get("from"), raw.get("epoch"), raw.get("view_id"))
         self.replica.fence(view, within)
         entries, nxt = self.replica.pull_page(within, after, limit)
-        body: dict[str, Any] = {"entries": entries_to_wire(entries), "next": nxt}
+        body: dict[str, Any] = {"entries": entries_to_wire(entries), "next": nxt, **self._whoami()}
         if nxt is None:
             body["report"] = report_to_wire(self.replica.custody.report())
         return body
+
+    def _whoami(self) -> dict[str, Any]:
+        """Who sends a view-change message, and on which view and epoch."""
+        view = self.replica.view
+        return {"from": self.node_id, "epoch": self.replica.epoch,
+                "view_id": view.view_id if view else ""}
+
+    def _observe_epoch(self, peer: Any, epoch: Any, view_id: Any) -> None:
+        """Note a peer's view epoch (``None`` values: an older peer that does not send it)."""
+        if not (isinstance(peer, int) and isinstance(epoch, int) and isinstance(view_id, str)):
+            return
+        before = self.replica.newer_view
+        self.replica.observe_epoch(peer, epoch, view_id)
+        newer = self.replica.newer_view
+        if newer is not None and newer != before:
+            log.warning(
+                "node %s: node %s serves view %s at epoch %s, newer than ours (epoch %s); "
+                "this node may not have been sent the latest view", self.node_id, newer.peer,
+                newer.view_id, newer.epoch, self.replica.epoch,
+            )
 
     def on_handoff(self, raw: Any) -> dict[str, Any]:
         try:
             entries = entries_from_wire(raw["entries"])
         except (KeyError, TypeError) as exc:
             raise WireError("malformed handoff") from exc
+        self._observe_epoch(raw.get("from"), raw.get("epoch"), raw.get("view_id"))
         if self.replica.merge(entries):
             self._notify()
         self.progress.keys_received += len(entries)
@@ -648,7 +676,7 @@ class Node:
         size = cfg.handoff_batch_entries
         for i in range(0, len(keys), size):
             entries = self.replica.entries_for(keys[i : i + size])
-            payload = {"entries": entries_to_wire(entries)}
+            payload = {"entries": entries_to_wire(entries), **self._whoami()}
             acked: set[int] = set()
             failures = 0
             while len(acked) < len(receivers):

@@ -34,6 +34,15 @@ class ReplicaLimits:
     batch_bytes: int = 4 << 20
 
 
+@dataclass(frozen=True, slots=True)
+class NewerView:
+    """A peer serves a different view with a higher epoch: ours is probably stale."""
+
+    epoch: int
+    view_id: str
+    peer: int
+
+
 class Replica:
     def __init__(self, node_id: int, origin: str, limits: ReplicaLimits | None = None) -> None:
         self.node_id = node_id
@@ -48,6 +57,9 @@ class Replica:
         self.claims: dict[int, int] = {}  # peer id -> how far that peer merged OUR stream
         self.peer_origin: dict[int, str] = {}
         self.custody = Custody(node_id)  # debts to old owners, fences for new ones
+        self.epoch = 0  # of our view; see observe_epoch
+        self.epoch_seen = 0  # the highest epoch any peer message carried
+        self.newer_view: NewerView | None = None
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
@@ -68,6 +80,18 @@ class Replica:
 
     def peer_serves(self, member: int, view_id: str) -> None:
         self.custody.peer_serves(member, view_id, self.view)
+
+    # ----------------------------------------------------------------- epochs
+    def observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:
+        """Epochs are Lamport clocks over view installs: a view installed after hearing of
+        epoch e gets an epoch > e, and replicas of one view converge to the highest epoch any
+        of them gave it.  So a peer on another view with a higher epoch installed it after
+        hearing of ours, or concurrently: either way it is not older, and we say so."""
+        self.epoch_seen = max(self.epoch_seen, epoch)
+        if self.view is not None and view_id == self.view.view_id:
+            self.epoch = max(self.epoch, epoch)
+        elif epoch > self.epoch and (self.newer_view is None or epoch > self.newer_view.epoch):
+            self.newer_view = NewerView(epoch, view_id, peer)
 
     # ----------------------------------------------------------------- causality
     def unmet(self, key: str, deps: Mapping[str, Version]) -> bool:
@@ -162,7 +186,7 @@ class Replica:
             upto = self.store.head
         return SyncBatch(
             self.node_id, self.origin, self.view.view_id, after, upto, entries, dict(self.seen),
-            positions,
+            positions, self.epoch,
         )
 
     def _is_peer(self, node_id: int) -> bool:
@@ -172,7 +196,7 @@ class Replica:
         """Merge a peer's push atomically; returns the reply and the keys that changed."""
         view_id = self.view.view_id if self.view else ""
         if batch.view_id != view_id or not self._is_peer(batch.sender):
-            return SyncReply(self.origin, view_id, 0, accepted=False), []
+            return SyncReply(self.origin, view_id, 0, False, self.epoch), []
         self.claims[batch.sender] = batch.seen.get(self.origin, 0)
         previous = self.peer_origin.get(batch.sender)
         if previous is not None and previous != batch.origin:
@@ -189,7 +213,8 @@ class Replica:
         changed = self.merge(accepted, source=batch.origin, own_only=True)
         if batch.after <= self.seen.get(batch.origin, 0) < upto:
             self.seen[batch.origin] = upto
-        return SyncReply(self.origin, view_id, self.seen.get(batch.origin, 0), True), changed
+        seen = self.seen.get(batch.origin, 0)
+        return SyncReply(self.origin, view_id, seen, True, self.epoch), changed
 
     def on_sync_reply(self, peer_id: int, reply: SyncReply) -> None:
         if reply.accepted and self.view is not None and reply.view_id == self.view.view_id:
@@ -231,6 +256,11 @@ class Replica:
         """
         if self.view is None or self.view.view_id != view.view_id:
             self.custody.installed(view)
+            self.epoch = max(self.epoch, self.epoch_seen) + 1
+            if self.newer_view is not None and (
+                self.newer_view.view_id == view.view_id or self.newer_view.epoch < self.epoch
+            ):
+                self.newer_view = None
         self.custody.target = view
         self.view = view
         self.shard = view.shard_of(self.node_id)
