@@ -179,3 +179,29 @@ def test_debt_identity_and_cover():
     key = _key_in(v2, "C", (v1, "A"))
     assert debt.covers(key) and not debt.covers(_key_in(v2, "C", (v1, "B")))
     assert debt.ident == Debt((_view({"A": [1], "B": [2]}), "A"), (v2, "C")).ident
+
+
+def test_epochs_order_installs_and_refuse_pulls_from_older_views():
+    from trio_kv.replica import Replica
+
+    v1, v2 = _view({"A": [1, 2]}), _view({"A": [1, 2], "B": [3]})
+    a, b = Replica(1, "1.x"), Replica(3, "3.x")
+    a.install_view(v1)
+    b.install_view(v1)
+    assert a.epoch == b.epoch == 1
+    b.begin_change(v1, v2, held_data=True)
+    b.install_view(v2)
+    assert b.epoch == 2
+    # a, still on v1, hears of v2: it reports a newer view, and a pull from v1 is stale for b
+    a.observe_epoch(3, b.epoch, v2.view_id)
+    assert a.newer_view is not None and a.newer_view.view_id == v2.view_id
+    assert b.stale_puller(v1.view_id, a.epoch)
+    # a node changing to a view after hearing of epoch 2 gets an epoch above it, so its
+    # pulls are not stale to b, whatever the view
+    a.begin_change(v1, _view({"A": [1], "B": [2, 3]}), held_data=True)
+    assert a.change_epoch() == 3 and not b.stale_puller("other", a.change_epoch())
+    # replicas of one view converge on the highest epoch any of them gave it
+    c = Replica(2, "2.x")
+    c.install_view(v2)
+    c.observe_epoch(3, b.epoch, v2.view_id)
+    assert c.epoch == b.epoch and c.newer_view is None

@@ -309,3 +309,31 @@ async def test_waiting_read_follows_its_key_to_the_new_owner(autojump_clock):
                 with trio.fail_after(10):
                     await done.wait()
             assert got["status"] == 200 and got["body"]["value"] == "x1"
+
+
+async def test_a_handoff_still_owed_survives_the_next_view_change(autojump_clock):
+    """Found by the randomized test (seed 215): node 3 joins A while cut off from A's old
+    members, so it installs owing their keys; the next view keeps it in A, so that change
+    pulls nothing.  The debt must outlive the change: until A's old members hand over, node 3
+    answers 503 for their keys, never a stale 404, even for a token that no longer carries
+    the write (it was pruned as stable on the old members)."""
+    async with open_cluster({"A": 2}, spare=1) as cluster:
+        async with cluster.client(1) as c1:
+            meta = await put(c1, "k", "stable-on-1-and-2")
+            with trio.fail_after(10):  # wait until the write is pruned from the token
+                while "k" in meta.get("deps", {}):
+                    meta = (await get(c1, "k", meta)).json()["causal-metadata"]
+                    await trio.sleep(0.1)
+        cluster.network.partition(cluster.address_of(1, 2), cluster.address_of(3))
+        await cluster.put_view({"A": [1, 2, 3]}, to=[1, 2, 3])
+        await cluster.put_view({"A": [2, 3]}, to=[1, 2, 3])
+        async with cluster.client(3) as c3:
+            status = (await c3.get("/view")).json()
+            assert status["awaiting"] and status["change"]["pulls_pending"]
+            r = await get(c3, "k", meta)
+            assert r.status_code == 503, r.text
+            cluster.network.heal()
+            await all_idle(cluster)
+            r = await get(c3, "k", meta)
+            assert r.status_code == 200 and r.json()["value"] == "stable-on-1-and-2"
+            assert (await c3.get("/view")).json()["awaiting"] == []

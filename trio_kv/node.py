@@ -586,12 +586,21 @@ class Node:
         if pull.round > 1:  # owed again: its sources were still settling; give them a moment
             await trio.sleep(self._backoff(pull.round - 1))
         while self.replica.custody.pulls.get((source.id, debt.ident)) is pull:
+            installed = self.replica.view
+            epoch = (
+                self.replica.epoch if installed and installed.view_id == view.view_id
+                else self.replica.change_epoch()  # a refusal below raises it: try again
+            )
             payload = {"view": view.to_json(), "within": within, "after": cursor,
-                       "limit": cfg.handoff_batch_entries, **self._whoami()}
+                       "limit": cfg.handoff_batch_entries, "from": self.node_id,
+                       "epoch": epoch}
             try:
                 raw = await self.sync_client.post_json(
                     source.address, "/internal/pull", payload, cfg.peer_timeout
                 )
+                if stale := raw.get("stale"):
+                    self._observe_epoch(source.id, stale.get("epoch"), stale.get("view_id"))
+                    raise WireError(f"it serves a newer view ({stale})")
                 entries = entries_from_wire(raw["entries"])
                 nxt = raw["next"]
                 report = None if nxt else report_from_wire(raw["report"], cfg.vnodes)
@@ -623,7 +632,10 @@ class Node:
             raise WireError(f"malformed pull: {exc}") from exc
         if not within:
             raise WireError("malformed pull: no scope to pull")
-        self._observe_epoch(raw.get("from"), raw.get("epoch"), raw.get("view_id"))
+        epoch = raw.get("epoch")
+        if isinstance(epoch, int) and self.replica.stale_puller(view.view_id, epoch):
+            return {"stale": self._whoami()}
+        self._observe_epoch(raw.get("from"), epoch, view.view_id)
         self.replica.fence(view, within)
         entries, nxt = self.replica.pull_page(within, after, limit)
         body: dict[str, Any] = {"entries": entries_to_wire(entries), "next": nxt, **self._whoami()}
@@ -645,7 +657,7 @@ class Node:
         self.replica.observe_epoch(peer, epoch, view_id)
         newer = self.replica.newer_view
         if newer is not None and newer != before:
-            log.warning(
+            log.info(
                 "node %s: node %s serves view %s at epoch %s, newer than ours (epoch %s); "
                 "this node may not have been sent the latest view", self.node_id, newer.peer,
                 newer.view_id, newer.epoch, self.replica.epoch,

@@ -58,7 +58,8 @@ class Replica:
         self.peer_origin: dict[int, str] = {}
         self.custody = Custody(node_id)  # debts to old owners, fences for new ones
         self.epoch = 0  # of our view; see observe_epoch
-        self.epoch_seen = 0  # the highest epoch any peer message carried
+        self.target_epoch = 0  # of the view we are changing to
+        self.epoch_seen = 0  # the highest epoch peers showed for other views
         self.newer_view: NewerView | None = None
 
     # ----------------------------------------------------------------- ownership
@@ -83,15 +84,28 @@ class Replica:
 
     # ----------------------------------------------------------------- epochs
     def observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:
-        """Epochs are Lamport clocks over view installs: a view installed after hearing of
-        epoch e gets an epoch > e, and replicas of one view converge to the highest epoch any
-        of them gave it.  So a peer on another view with a higher epoch installed it after
-        hearing of ours, or concurrently: either way it is not older, and we say so."""
-        self.epoch_seen = max(self.epoch_seen, epoch)
+        """Epochs are Lamport clocks over view installs: a view is installed at an epoch above
+        every epoch its node has heard of, and replicas of one view converge to the highest
+        epoch any of them gave it.  So a peer on another view with a higher epoch installed
+        it after hearing of ours, or concurrently: either way ours is not the newer one."""
         if self.view is not None and view_id == self.view.view_id:
             self.epoch = max(self.epoch, epoch)
-        elif epoch > self.epoch and (self.newer_view is None or epoch > self.newer_view.epoch):
-            self.newer_view = NewerView(epoch, view_id, peer)
+        elif self.custody.target is not None and view_id == self.custody.target.view_id:
+            self.target_epoch = max(self.target_epoch, epoch)
+        else:
+            self.epoch_seen = max(self.epoch_seen, epoch)
+            if epoch > self.epoch and (self.newer_view is None or epoch > self.newer_view.epoch):
+                self.newer_view = NewerView(epoch, view_id, peer)
+
+    def change_epoch(self) -> int:
+        """The epoch of the view we are changing to: above everything heard of so far."""
+        self.target_epoch = max(self.target_epoch, self.epoch + 1, self.epoch_seen + 1)
+        return self.target_epoch
+
+    def stale_puller(self, view_id: str, epoch: int) -> bool:
+        """A pull for a view older than ours (another view, lower epoch).  Serving it would
+        fence us, sending our keys back to owners under that older view."""
+        return self.view is not None and view_id != self.view.view_id and epoch < self.epoch
 
     # ----------------------------------------------------------------- causality
     def unmet(self, key: str, deps: Mapping[str, Version]) -> bool:
@@ -242,6 +256,7 @@ class Replica:
 
     def begin_change(self, old: View | None, new: View, held_data: bool) -> list[Pull]:
         """The pulls that give us custody of our range under ``new`` (see ``Custody``)."""
+        self.change_epoch()
         return self.custody.begin(old, new, held_data)
 
     def pulled(self, pull: Pull, report: Report) -> list[Pull]:
@@ -256,7 +271,7 @@ class Replica:
         """
         if self.view is None or self.view.view_id != view.view_id:
             self.custody.installed(view)
-            self.epoch = max(self.epoch, self.epoch_seen) + 1
+            self.epoch = self.change_epoch()
             if self.newer_view is not None and (
                 self.newer_view.view_id == view.view_id or self.newer_view.epoch < self.epoch
             ):
