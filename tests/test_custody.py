@@ -50,8 +50,10 @@ def test_a_node_pulls_only_the_old_shards_of_its_new_range():
     new = _view({"A": [1], "B": [3, 4], "C": [2]})  # node 2 moves from A to C
     custody = Custody(2)
     pulls = custody.begin(old, new, held_data=True)
-    # it held A's keys itself: only B's members are pulled from
-    assert _sources(pulls) == {(3, "B"), (4, "B")}
+    # it held A's keys itself: it owes only B's members; A's node 1 is pulled only to be
+    # fenced (it serves C's former A keys until it installs the new view)
+    assert _sources(pulls) == {(3, "B"), (4, "B"), (1, "A")}
+    assert set(custody.debts) == {_from(pulls, 3).debt.ident}
     moved = _key_in(new, "C", (old, "B"))
     assert custody.awaiting(moved)
     assert not custody.awaiting(_key_in(new, "C", (old, "A")))
@@ -62,7 +64,7 @@ def test_a_node_pulls_only_the_old_shards_of_its_new_range():
     # until every old owner was pulled from (and so fenced), writes stay out of "stable"
     assert custody.unfenced(moved)
     custody.pulled(_from(pulls, 4), Report(old, "B"))
-    assert not custody.unfenced(moved) and custody.pending() == []
+    assert not custody.unfenced(moved) and custody.pending() == [_from(pulls, 1)]
 
 
 def test_a_fresh_node_pulls_its_shard_from_its_peers():
@@ -205,3 +207,18 @@ def test_epochs_order_installs_and_refuse_pulls_from_older_views():
     c.install_view(v2)
     c.observe_epoch(3, b.epoch, v2.view_id)
     assert c.epoch == b.epoch and c.newer_view is None
+
+
+def test_members_leaving_our_shard_are_fenced_though_nothing_is_owed():
+    """Seed 303 of the randomized test: A={1,2,3} -> A={1,2}.  Node 2 keeps A's keys, but
+    node 3 serves them until it installs the new view; a write node 2 counts as stable with
+    only node 1's confirmation must not be pruned while node 3 may still answer reads."""
+    old, new = _view({"A": [1, 2, 3], "B": [4]}), _view({"A": [1, 2], "B": [3, 4]})
+    custody = Custody(2)
+    pulls = custody.begin(old, new, held_data=True)
+    assert {p.member.id for p in pulls} == {3}
+    key = _key_in(new, "A")
+    assert not custody.awaiting(key)  # nothing owed: we hold A's keys
+    assert custody.unfenced(key)  # but node 3 has not been fenced yet
+    assert custody.pulled(pulls[0], Report(old, "A")) == []
+    assert not custody.unfenced(key) and custody.pending() == []

@@ -8,11 +8,10 @@ a failing seed several times."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from typing import Any
-
-import logging
 
 import httpx
 import pytest

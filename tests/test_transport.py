@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from trio_kv.transport import PeerClient, PeerUnavailable, real_client
+from trio_kv.transport import PeerClient, PeerUnavailable, real_transport
 
 
 async def slow(request: Request) -> JSONResponse:
@@ -42,7 +42,7 @@ async def server_address(nursery: trio.Nursery) -> str:
 
 
 async def test_cancelled_calls_do_not_exhaust_the_pool(server_address: str) -> None:
-    client = PeerClient(real_client, concurrency=2, connect_timeout=1.0, keepalive_expiry=5.0)
+    client = PeerClient(real_transport, concurrency=2, connect_timeout=1.0, keepalive_expiry=5.0)
     failures = 0
 
     async def doomed() -> None:
@@ -66,7 +66,7 @@ async def test_cancelled_calls_do_not_exhaust_the_pool(server_address: str) -> N
 
 
 async def test_refused_connection_is_reported_as_refused() -> None:
-    client = PeerClient(real_client, concurrency=2, connect_timeout=1.0, keepalive_expiry=5.0)
+    client = PeerClient(real_transport, concurrency=2, connect_timeout=1.0, keepalive_expiry=5.0)
     with trio.fail_after(5), pytest.raises(PeerUnavailable) as info:
         await client.request("127.0.0.1:1", "GET", "/", timeout=2.0)
     assert info.value.not_sent

@@ -119,15 +119,16 @@ class Custody:
             return []
         scope: Scope = (new, self.shard)
         sources: list[Scope]
+        started: list[Pull] = []
         if old is None:
             # Fresh, or restarted empty: our shard's peers may hold writes pruned as stable.
             sources = [scope]
         else:
             sources = [(old, s) for s in sorted(shards_within(old, [scope]))]
             mine = old.shard_of(self.node_id)
-            if held_data and mine is not None:
-                sources = [s for s in sources if s[1] != mine]
-        started: list[Pull] = []
+            if held_data and mine is not None and any(s == mine for _v, s in sources):
+                sources = [(v, s) for v, s in sources if s != mine]
+                started += self._fence_departed(Debt((old, mine), scope), new)
         for source in sources:
             started += self._owe(Debt(source, scope), amnesiac=old is None or not held_data)
         for source in self._fenced_owners(scope):
@@ -140,6 +141,27 @@ class Custody:
             owner for f in self.fences for owner in f.owners()
             if shards_within(owner[0], [owner, *f.within, scope])
         ]
+
+    def _fence_departed(self, debt: Debt, new: View) -> list[Pull]:
+        """We hold our old shard's keys, but its members that leave our shard still serve them
+        until they install ``new``: pull from them too (which fences them), owing nothing.
+        Until then our writes to those keys are not counted as stable (``unfenced``)."""
+        departed = [
+            m for m in debt.members()
+            if m.id != self.node_id and new.shard_of(m.id) != self.shard
+        ]
+        return self._pull_from(debt, departed) if departed else []
+
+    def _pull_from(self, debt: Debt, members: list[Member]) -> list[Pull]:
+        """Pulls of ``debt`` from ``members``, in a new round (one in flight restarts when
+        it finishes)."""
+        rnd = self.rounds[debt.ident] = self.rounds.get(debt.ident, 0) + 1
+        started = []
+        for member in members:
+            if (member.id, debt.ident) not in self.pulls:
+                started.append(pull := Pull(member, debt, rnd))
+                self.pulls[(member.id, debt.ident)] = pull
+        return started
 
     def _owe(self, debt: Debt, amnesiac: bool = False) -> list[Pull]:
         """Owe ``debt`` unless we hold what it stands for: if we are a member of its shard in
@@ -158,13 +180,7 @@ class Custody:
         if not others:  # we were its only member: what it held, we hold
             return []
         self.debts[debt.ident] = debt
-        rnd = self.rounds[debt.ident] = self.rounds.get(debt.ident, 0) + 1
-        started = []
-        for member in others:
-            if (member.id, debt.ident) not in self.pulls:  # one in flight restarts when done
-                started.append(pull := Pull(member, debt, rnd))
-                self.pulls[(member.id, debt.ident)] = pull
-        return started
+        return self._pull_from(debt, others)
 
     def pulled(self, pull: Pull, report: Report) -> list[Pull]:
         """``pull`` fetched every key of its debt its member holds; the member vouched with

@@ -35,7 +35,7 @@ from .messages import (
 )
 from .metadata import Deps, render_metadata
 from .replica import Replica, ReplicaLimits
-from .transport import ClientFactory, PeerClient, PeerUnavailable, real_client
+from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
 from .view import Member, View, ViewError, parse_view
 
 log = logging.getLogger("trio_kv.node")
@@ -96,7 +96,7 @@ class Node:
     def __init__(
         self,
         config: Config,
-        client_factory: ClientFactory = real_client,
+        transport_factory: TransportFactory = real_transport,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         if config.node_id is None:
@@ -114,10 +114,10 @@ class Node:
         # Replication has at most one call in flight per peer; forwarding is bounded by its own
         # limiter.  Separate clients keep one pool's bookkeeping from slowing the other.
         self.sync_client = PeerClient(
-            client_factory, 8, config.connect_timeout, keepalive, config.cluster_secret
+            transport_factory, 8, config.connect_timeout, keepalive, config.cluster_secret
         )
         self.forward_client = PeerClient(
-            client_factory, config.forward_concurrency, config.connect_timeout, keepalive,
+            transport_factory, config.forward_concurrency, config.connect_timeout, keepalive,
             config.cluster_secret,
         )
         self._installs = 0  # views installed so far: a parked request re-checks ownership

@@ -149,7 +149,7 @@ def body_ids(body: dict[str, Any]) -> list[list[int]]:
 def add_node(cluster: Cluster, nursery: trio.Nursery, node_id: int, config: Config) -> Node:
     """Start one more node (not yet in any view) inside ``nursery``."""
     address = f"10.0.0.{node_id}:8081"
-    node = Node(dataclasses.replace(config, node_id=node_id), client_factory=_factory(
+    node = Node(dataclasses.replace(config, node_id=node_id), transport_factory=_factory(
         cluster.network, address))
     cluster.network.apps[address] = build_app(node)
     cluster.nodes[node_id] = node
@@ -173,8 +173,8 @@ async def restart_node(cluster: Cluster, nursery: trio.Nursery, node_id: int) ->
 
 
 def _factory(network: Network, src: str) -> Any:
-    def make(limits: httpx.Limits, timeout: httpx.Timeout) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=network.transport(src), timeout=timeout)
+    def make(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
+        return network.transport(src)
 
     return make
 
