@@ -127,6 +127,7 @@ class Node:
         self._ready.set()
         self._view_installed = trio.Event()
         self._view_send, self._view_recv = trio.open_memory_channel[_ViewRequest](16)
+        self._view_requested = trio.Event()  # a PUT /view waits: background retries yield
         self._waiting = 0  # requests parked in _wait_for
         self._write_ids = 0
         # answers to forwarded writes by write id, so a retry is not applied twice
@@ -419,6 +420,7 @@ class Node:
     async def put_view(self, view: View) -> None:
         """Hand the view to the coordinator (which outlives this request) and await it."""
         request = _ViewRequest(view)
+        self._view_requested.set()
         await self._view_send.send(request)
         await request.done.wait()
 
@@ -453,20 +455,29 @@ class Node:
                 with trio.move_on_after(cfg.handoff_retry_interval):
                     request = await self._view_recv.receive()
                 if request is None:
-                    view = self.replica.view
-                    assert view is not None
-                    with trio.move_on_after(cfg.view_change_deadline):
-                        async with trio.open_nursery() as nursery:
-                            self._start_pulls(nursery, self.replica.custody.pending(), view)
-                            nursery.start_soon(self._hand_off, view)
-                    self._finish_progress()
+                    await self._retry_pending()
                     continue
             else:
                 request = await self._view_recv.receive()
+            self._view_requested = trio.Event()
             current = self.replica.view
             if current is None or current.view_id != request.view.view_id:
                 await self._change_view(request.view)
             request.done.set()
+
+    async def _retry_pending(self) -> None:
+        """Unfinished pulls and unacknowledged handoffs, again, for a while; a view request
+        interrupts them (what is unfinished stays pending and goes on under the new view)."""
+        view = self.replica.view
+        assert view is not None
+        with trio.move_on_after(self.config.view_change_deadline) as scope:
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(_cancel_when, self._view_requested, scope)
+                async with trio.open_nursery() as nursery:
+                    self._start_pulls(nursery, self.replica.custody.pending(), view)
+                    nursery.start_soon(self._hand_off, view)
+                watcher.cancel_scope.cancel()
+        self._finish_progress()
 
     async def _change_view(self, new: View) -> None:
         cfg = self.config
@@ -715,6 +726,11 @@ class Node:
             # Every receiver holds these versions; a key changed here since stays for the next
             # round of handoff.
             self.replica.drop_if_unchanged(entries, view)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def serve(config: Config) -> None:
