@@ -28,8 +28,6 @@ FAULTS = ["partition", "isolate", "oneway", "heal"]
 MODES = {
     "faults": FAULTS,
     "views": ["view", "heal"],
-    # Open finding (issue #3): about 1 seed in 200 of views changed *during* partitions still
-    # shows a read missing a write pruned from its token as stable. Kept running, not hidden.
     "faults+views": [*FAULTS, "view"],
 }
 VIEWS = [
@@ -117,15 +115,7 @@ def _seeds(spec: str) -> range:
 SEEDS = _seeds(os.environ.get("KV_RANDOM_SEEDS", "8"))
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "faults",
-        "views",
-        pytest.param("faults+views", marks=pytest.mark.xfail(
-            strict=False, reason="issue #3: rare stale read when views change mid-partition")),
-    ],
-)
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_random_faults_and_view_changes_keep_causality(autojump_clock, seed, mode, tmp_path):
     rnd = random.Random(seed)
