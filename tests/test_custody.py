@@ -222,3 +222,20 @@ def test_members_leaving_our_shard_are_fenced_though_nothing_is_owed():
     assert custody.unfenced(key)  # but node 3 has not been fenced yet
     assert custody.pulled(pulls[0], Report(old, "A")) == []
     assert not custody.unfenced(key) and custody.pending() == []
+
+
+def test_members_that_owe_their_own_shard_settle_it_together():
+    """Staggered views: nodes 4 and 5 were put in B of a view only node 1 ever installed; each
+    owes that shard itself, learned from the other.  Neither vouches alone, but both together
+    hold everything B could have made stable (nothing, as neither confirmed a write there)."""
+    never = _view({"A": [1, 2, 3], "B": [4, 5]})
+    new = _view({"A": [1, 2], "B": [3, 4], "C": [5, 6]})
+    custody = Custody(3)
+    pulls = [p for p in custody.begin(never, new, held_data=False) if p.debt.source[1] == "B"]
+    assert {p.member.id for p in pulls} == {4, 5}
+    key = _key_in(new, "B", (never, "B"))
+    owes_itself = ((never, "B"),)
+    assert custody.pulled(_from(pulls, 4), Report(new, "B", owes_itself)) == []
+    assert custody.awaiting(key)  # one of them is not enough
+    assert custody.pulled(_from(pulls, 5), Report(new, "C", owes_itself)) == []
+    assert not custody.awaiting(key)

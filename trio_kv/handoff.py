@@ -25,6 +25,10 @@ Scope = tuple[View, str]
 DebtId = tuple[str, str, str, str]
 
 
+def _same(a: Scope, b: Scope) -> bool:
+    return a[0].view_id == b[0].view_id and a[1] == b[1]
+
+
 def in_scopes(key: str, scopes: Iterable[Scope]) -> bool:
     return all(view.shard_for(key) == shard for view, shard in scopes)
 
@@ -102,6 +106,7 @@ class Custody:
     shard: str | None = None
     debts: dict[DebtId, Debt] = field(default_factory=dict)  # not yet settled
     rounds: dict[DebtId, int] = field(default_factory=dict)  # times owed, while any pending
+    unvouched: dict[DebtId, set[int]] = field(default_factory=dict)  # members owing it too
     pulls: dict[tuple[int, DebtId], Pull] = field(default_factory=dict)  # not yet finished
     fences: list[Fence] = field(default_factory=list)
     lived: set[str] = field(default_factory=set)  # views this incarnation installed
@@ -156,6 +161,7 @@ class Custody:
         """Pulls of ``debt`` from ``members``, in a new round (one in flight restarts when
         it finishes)."""
         rnd = self.rounds[debt.ident] = self.rounds.get(debt.ident, 0) + 1
+        self.unvouched.pop(debt.ident, None)
         started = []
         for member in members:
             if (member.id, debt.ident) not in self.pulls:
@@ -199,18 +205,32 @@ class Custody:
             again = self.pulls[key] = Pull(pull.member, debt, self.rounds[debt.ident])
             return [again]
         started: list[Pull] = []
-        if self.debts.pop(debt.ident, None) is not None:
+        if debt.ident in self.debts:
             inherited: list[Scope] = list(report.debts)
             if report.view is not None:
                 inherited += [
                     (report.view, s) for s in sorted(shards_within(report.view, debt.within))
                     if s != report.shard
                 ]
+            vouches = True
             for source in inherited:
-                if shards_within(source[0], [source, *debt.within]):
+                if _same(source, debt.source):
+                    vouches = False  # it owes that shard itself (it never installed that view)
+                elif shards_within(source[0], [source, *debt.within]):
                     started += self._owe(Debt(source, debt.scope))
+            # A member that owes the debt's own shard cannot settle it; but once every other
+            # member has been pulled, we hold all they hold, which is every write that shard
+            # could have made stable (each member confirmed it).
+            heard = self.unvouched.setdefault(debt.ident, set())
+            if not vouches:
+                heard.add(pull.member.id)
+            others = {m.id for m in debt.members() if m.id != self.node_id}
+            if vouches or heard >= others:
+                del self.debts[debt.ident]
+                del self.unvouched[debt.ident]
         if not self.debts and not self.pulls:
             self.rounds.clear()
+            self.unvouched.clear()
         return started
 
     def awaiting(self, key: str | None) -> bool:

@@ -521,7 +521,12 @@ class Node:
                     resp = await self.sync_client.request(
                         member.address, "GET", "/view", timeout=cfg.connect_timeout
                     )
-                    view_id = resp.json().get("view_id") if resp.status == 200 else None
+                    status = resp.json() if resp.status == 200 else {}
+                    view_id = status.get("view_id")
+                    change = status.get("change") or {}
+                    if change.get("state") == "changing":
+                        # still on its old view, moving to another: it serves neither yet
+                        view_id = None
                 except (PeerUnavailable, ValueError, AttributeError):
                     continue
                 if isinstance(view_id, str):
