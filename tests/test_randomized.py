@@ -139,10 +139,13 @@ async def test_random_faults_and_view_changes_keep_causality(autojump_clock, see
         final_view = rnd.choice(VIEWS)
         log.info("t=%.3f final view %s", trio.current_time(), final_view)
         await cluster.put_view(final_view, to=list(cluster.nodes))
+        def settled(status: dict[str, Any]) -> bool:  # no handoff pending, no key fenced away
+            return status["change"]["state"] == "idle" and not status["fenced_to"]
+
         with trio.move_on_after(60):
-            while any(n.progress.state != "idle" for n in cluster.nodes.values()):
+            while not all(settled(n.view_status()) for n in cluster.nodes.values()):
                 await trio.sleep(0.5)
-        busy = {i: n.view_status() for i, n in cluster.nodes.items() if n.progress.state != "idle"}
+        busy = {i: s for i, n in cluster.nodes.items() if not settled(s := n.view_status())}
         assert not busy, f"view change still pending 60 s after the final view: {busy}"
         shards = {s: [str(i) for i in ids] for s, ids in final_view.items()}
         with trio.fail_after(10):  # every shard converges within 10 s of the last heal

@@ -542,30 +542,48 @@ class Node:
         """A node with no view asks the new view's members for theirs: if some still serve an
         older view, that is where the keys we now own live, and we pull them from its owners.
 
-        Of the different views that answer within ``connect_timeout``, the one with the
-        highest epoch wins; a fresh cluster (no member has a different view) has nothing to
-        pull.
+        The different view with the highest epoch wins.  Only when every member answered
+        (none with a different view) is the cluster taken to be fresh: a member that did not
+        answer may be an old owner cut off from us, so we ask again, for up to half the
+        change deadline (then we go on, and say so).
         """
+        cfg = self.config
         found: list[tuple[int, View]] = []
+        silent: set[int] = set()
 
         async def ask(member: Member) -> None:
             try:
                 resp = await self.sync_client.request(
-                    member.address, "GET", "/view", timeout=self.config.connect_timeout
+                    member.address, "GET", "/view", timeout=cfg.connect_timeout
                 )
-                status = resp.json() if resp.status == 200 else {}
+                status = resp.json() if resp.status == 200 else None
+                if not isinstance(status, dict):
+                    return
+                silent.discard(member.id)
                 if status.get("view"):
-                    view = parse_view({"view": status["view"]}, self.config.vnodes)
+                    view = parse_view({"view": status["view"]}, cfg.vnodes)
                     if view.view_id != new.view_id:
                         found.append((int(status.get("epoch", 0)), view))
             except (PeerUnavailable, ValueError, AttributeError, TypeError):
                 pass
 
-        async with trio.open_nursery() as nursery:
-            for member in new.members():
-                if member.id != self.node_id:
-                    nursery.start_soon(ask, member)
+        others = [m for m in new.members() if m.id != self.node_id]
+        silent.update(m.id for m in others)
+        failures = 0
+        with trio.move_on_after(cfg.view_change_deadline / 2):
+            while True:
+                async with trio.open_nursery() as nursery:
+                    for member in others:
+                        if member.id in silent:
+                            nursery.start_soon(ask, member)
+                if found or not silent:
+                    break
+                failures += 1
+                await trio.sleep(self._backoff(failures))
         if not found:
+            if silent:
+                log.warning("node %s: members %s did not say which view they serve; taking the "
+                            "cluster to be fresh", self.node_id, sorted(silent))
             return None
         epoch, view = max(found, key=lambda f: f[0])
         log.info("node %s: learned previous view %s (epoch %s) from peers", self.node_id,

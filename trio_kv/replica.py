@@ -67,7 +67,7 @@ class Replica:
         return (
             self.view is not None
             and self.view.shard_for(key) == self.shard
-            and not (self.custody.fences and self.custody.fence_for(key))
+            and self.fence_for(key) is None
         )
 
     def fence_for(self, key: str) -> View | None:
