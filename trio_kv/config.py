@@ -51,6 +51,10 @@ class Config:
     keep_alive_timeout: float = 30.0
     shutdown_grace: float = 5.0
     log_level: str = "info"
+    # Allocations between young-generation GC passes (Python's default: 700).  Refcounting frees
+    # almost everything a request makes; frequent passes only cost latency (bench, 1x3 PUT:
+    # p99/p50 3.0-3.3 at 700, 1.6-1.9 at 20,000).  0 keeps Python's default.
+    gc_gen0_threshold: int = 20_000
 
     @property
     def client_keepalive_expiry(self) -> float:

@@ -6,6 +6,7 @@ and the forwarding pool.  It moves bytes and time only; every decision is the re
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -762,6 +763,10 @@ async def serve(config: Config) -> None:
 
     from .api import build_app
 
+    if config.gc_gen0_threshold > 0:
+        gc.freeze()  # what startup made lives for good: no collection needs to scan it again
+        _gen0, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(config.gc_gen0_threshold, gen1, gen2)
     node = Node(config)
     hcfg = HyperConfig()
     hcfg.bind = [f"{config.host}:{config.port}"]
