@@ -134,7 +134,6 @@ class Node:
         # answers to forwarded writes by write id, so a retry is not applied twice
         self._applied: OrderedDict[str, Reply] = OrderedDict()
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
-        self._views: dict[str, View] = {}  # parsed views of peers' messages, by id
         self.started = trio.Event()
 
     # ================================================================ services
@@ -621,14 +620,9 @@ class Node:
         if pull.round > 1:  # owed again: its sources were still settling; give them a moment
             await trio.sleep(self._backoff(pull.round - 1))
         while self.replica.custody.pulls.get((source.id, debt.ident)) is pull:
-            installed = self.replica.view
-            epoch = (
-                self.replica.epoch if installed and installed.view_id == view.view_id
-                else self.replica.change_epoch()  # a refusal below raises it: try again
-            )
             payload = {"view": view.to_json(), "within": within, "after": cursor,
                        "limit": cfg.handoff_batch_entries, "from": self.node_id,
-                       "epoch": epoch}
+                       "epoch": self.replica.epoch_for(view)}
             try:
                 raw = await self.sync_client.post_json(
                     source.address, "/internal/pull", payload, cfg.peer_timeout

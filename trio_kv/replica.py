@@ -102,6 +102,13 @@ class Replica:
         self.target_epoch = max(self.target_epoch, self.epoch + 1, self.epoch_seen + 1)
         return self.target_epoch
 
+    def epoch_for(self, view: View) -> int:
+        """The epoch our messages about ``view`` carry: our view's, or, for the view we are
+        changing to, one above every epoch heard of (so a refusal raises it)."""
+        if self.view is not None and self.view.view_id == view.view_id:
+            return self.epoch
+        return self.change_epoch()
+
     def stale_puller(self, view_id: str, epoch: int) -> bool:
         """A pull for a view older than ours (another view, lower epoch).  Serving it would
         fence us, sending our keys back to owners under that older view."""
