@@ -8,8 +8,7 @@ path never arrives (the caller's cancel scope ends the wait: it may have been ap
 seconds of simulated partition run in milliseconds.
 
 Each node's wall clock can be offset (``clock_offsets``, seconds) to run nodes with skewed
-clocks; a cluster whose config has a ``cluster_secret`` sends it with every view and, unless
-told not to, with every client request.
+clocks; a cluster whose config has a ``cluster_secret`` sends it with every view it sends.
 """
 
 from __future__ import annotations
@@ -120,10 +119,10 @@ class Cluster:
         }
 
     def client(
-        self, node_id: int, timeout: float = 60.0, secret: bool = True
+        self, node_id: int, timeout: float = 60.0, secret: bool = False
     ) -> httpx.AsyncClient:
-        """A client of one node; it sends the cluster secret (if any) unless ``secret`` is
-        False, as an outsider's client would."""
+        """A client of one node, as an outsider's; with ``secret`` it also sends the cluster
+        secret (if any), as an operator's would."""
         headers = (
             {SECRET_HEADER: self.config.cluster_secret}
             if secret and self.config.cluster_secret else {}
@@ -144,7 +143,7 @@ class Cluster:
         statuses: dict[int, int] = {}
 
         async def send(i: int) -> None:
-            async with self.client(i) as c:
+            async with self.client(i, secret=True) as c:
                 statuses[i] = (await c.put("/view", json=body)).status_code
 
         async with trio.open_nursery() as nursery:
