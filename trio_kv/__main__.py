@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import trio
 
 from .config import load_config
-from .node import serve
+from .server import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
