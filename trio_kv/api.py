@@ -13,9 +13,11 @@ import orjson
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Config
 from .messages import WireError
@@ -149,11 +151,23 @@ def _node_headers(request: Request, cfg: Config, secret: bytes) -> tuple[int, fl
     return hops, budget, write_id
 
 
-def _check_headers(request: Request, limit: int) -> None:
-    """Header bytes past ``max_header_bytes`` get a JSON 431 (hypercorn's own cap, on the raw
-    request head, answers the same way: see ``server.py``)."""
-    if sum(len(k) + len(v) + 4 for k, v in request.scope["headers"]) > limit:
-        raise ApiError(431, f"request headers larger than {limit} bytes (max_header_bytes)")
+class HeaderLimit:
+    """Pure ASGI middleware: header bytes past ``max_header_bytes`` get a JSON 431 before any
+    route runs (hypercorn's own cap on the raw request head answers the same way: see
+    ``server.py``)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.limit
+        ):
+            body = {"error": f"request headers larger than {self.limit} bytes (max_header_bytes)"}
+            await _json(431, body)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def build_app(node: Node) -> Starlette:
@@ -164,7 +178,6 @@ def build_app(node: Node) -> Starlette:
         return _json(200, {"ok": True, "id": node.node_id, "view": node.replica.view is not None})
 
     async def data_key(request: Request) -> Response:
-        _check_headers(request, cfg.max_header_bytes)
         key = _key_of(request)
         if len(key.encode()) > cfg.max_key_bytes:
             raise ApiError(400, f"key longer than {cfg.max_key_bytes} bytes")
@@ -186,7 +199,6 @@ def build_app(node: Node) -> Starlette:
         return _reply(await node.data(request.method, key, deps, value, hops, budget, write_id))
 
     async def data_all(request: Request) -> Response:
-        _check_headers(request, cfg.max_header_bytes)
         body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
@@ -195,7 +207,6 @@ def build_app(node: Node) -> Starlette:
         return _reply(await node.data("GET", None, deps, None, hops, budget))
 
     async def view(request: Request) -> Response:
-        _check_headers(request, cfg.max_header_bytes)
         if request.method == "GET":
             return _json(200, node.view_status())
         if secret and not _has_secret(request, secret):
@@ -212,7 +223,6 @@ def build_app(node: Node) -> Starlette:
 
     def _internal(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
-            _check_headers(request, cfg.max_header_bytes)
             if secret and not _has_secret(request, secret):
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
             body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
@@ -249,6 +259,7 @@ def build_app(node: Node) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(HeaderLimit, limit=cfg.max_header_bytes)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

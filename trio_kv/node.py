@@ -7,6 +7,7 @@ every decision is the replica's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -46,6 +47,10 @@ def _fingerprint(method: str, key: str | None, value: str | None, deps: Deps) ->
     digest = hashlib.blake2b(digest_size=16)
     digest.update(dumps([method, key, value, sorted((k, list(v)) for k, v in deps.items())]))
     return digest.digest()
+
+
+def _either(a: Callable[[], bool], b: Callable[[], bool]) -> bool:
+    return a() or b()
 
 
 def _outcome_unknown(body: bytes) -> bool:
@@ -362,9 +367,9 @@ class Node(ViewChanges):
                 return reply
             # The answer's token would be over the limits: wait for replication to make some
             # of its writes stable (pruned), then answer afresh.
-            stabler = self._stabler
             if not await self._wait_for(
-                lambda s=stabler: moved() or s.is_set(), deadline, on_stability=True
+                functools.partial(_either, moved, self._stabler.is_set), deadline,
+                on_stability=True,
             ):
                 return self._token_full(deps)
 
