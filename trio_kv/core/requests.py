@@ -1,0 +1,203 @@
+"""Client data requests: route, wait (parked, re-evaluated on every change), serve, dedup.
+
+A request is evaluated from the top every time the node's state changes (no await between a
+check and the answer it leads to, so "owns the key, dependencies met, serve" is atomic), until
+it is answered, forwarded, or its deadline passes (then it is answered with why it waited).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..messages import dumps
+from ..metadata import Deps, render_metadata
+from .events import Reply, Request, Respond
+from .forwarding import Forwarding
+from .kernel import Timer
+
+if TYPE_CHECKING:
+    from .core import Core
+
+# Why a request is parked; the answer it gets if its deadline passes first.
+CHANGE, HANDOFF, DEPS, TOKEN = "change", "handoff", "deps", "token"
+
+
+def error(status: int, message: str, deps: Deps | None = None, **extra: Any) -> Reply:
+    body: dict[str, Any] = {"error": message, **extra}
+    if deps is not None:
+        body["causal-metadata"] = render_metadata(deps)
+    return Reply(status, body)
+
+
+def fingerprint(req: Request) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    deps = sorted((k, list(v)) for k, v in req.deps.items())
+    digest.update(dumps([req.method, req.key, req.value, deps]))
+    return digest.digest()
+
+
+@dataclass(eq=False)
+class Pending:
+    rid: int
+    req: Request
+    deadline: float
+    wait: float  # seconds this request may wait in all
+    dedup: tuple[str, bytes] | None
+    parked: str | None = None
+    timer: Timer | None = None
+    forwarding: bool = False
+    final: bool = field(default=False)
+
+
+class Requests:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.pending: dict[int, Pending] = {}
+        self._parked: dict[int, Pending] = {}
+        # answers to forwarded writes by write id, so a retry is not applied twice
+        self.applied: OrderedDict[tuple[str, bytes], Reply] = OrderedDict()
+        self.forwarding = Forwarding(core, self)
+
+    def parked_count(self) -> int:
+        return len(self._parked)
+
+    def start(self, rid: int, req: Request) -> None:
+        cfg = self.core.config
+        dedup = None
+        if req.write_id is not None:
+            # Keyed by what the write is too: an id (which a client could send) only ever
+            # matches a retry of the very same request, never suppresses another write.
+            dedup = (req.write_id, fingerprint(req))
+            if (done := self.applied.get(dedup)) is not None:
+                self.core.k.emit(Respond(rid, done))
+                return
+        wait = cfg.wait_deadline if req.budget is None else max(
+            0.0, min(req.budget, cfg.wait_deadline)
+        )
+        p = Pending(rid, req, self.core.k.now + wait, wait, dedup)
+        self.pending[rid] = p
+        self._attempt(p)
+
+    def abandon(self, rid: int) -> None:
+        p = self.pending.pop(rid, None)
+        if p is not None:
+            self._unpark(p)
+            self.forwarding.abandon(p)
+
+    def reevaluate(self) -> None:
+        for p in list(self._parked.values()):
+            if p.rid in self._parked:
+                self._attempt(p)
+
+    def finish(self, p: Pending, reply: Reply) -> None:
+        if self.pending.pop(p.rid, None) is None:
+            return
+        self._unpark(p)
+        if p.dedup is not None and reply.status == 200:
+            self.applied[p.dedup] = reply
+            while len(self.applied) > self.core.config.dedup_entries:
+                self.applied.popitem(last=False)
+        self.core.k.emit(Respond(p.rid, reply))
+
+    # ------------------------------------------------------------ the decision
+    def _attempt(self, p: Pending) -> None:
+        core, req = self.core, p.req
+        replica, key, deps = core.replica, p.req.key, p.req.deps
+        if core.changes.changing:
+            return self._park(p, CHANGE)
+        if replica.view is None:
+            return self.finish(p, error(503, "no view has been set on this node yet", deps))
+        if replica.shard is None:
+            return self.finish(p, error(503, "this node is not part of the current view", deps))
+        if key is not None and not replica.owns(key):
+            self._unpark(p)
+            if req.hops >= core.config.max_hops:
+                return self.finish(
+                    p, error(503, "request forwarded too many times; views disagree", deps)
+                )
+            return self.forwarding.start(p)
+        if req.method != "PUT" and replica.awaiting_handoff(key):
+            return self._park(p, HANDOFF)
+        if req.method != "PUT":
+            unmet = replica.unmet_in_shard(deps) if key is None else replica.unmet(key, deps)
+            if unmet:
+                return self._park(p, DEPS)
+        reply = self._serve(req)
+        if reply is not None:
+            return self.finish(p, reply)
+        # The answer's token would be over the limits: wait for replication to make some of
+        # its writes stable (pruned), then answer afresh.
+        return self._park(p, TOKEN)
+
+    def _serve(self, req: Request) -> Reply | None:
+        """Answer from this replica; None (nothing changed) when the answer's token would be
+        over the limits."""
+        core = self.core
+        replica, key, deps, fits = core.replica, req.key, req.deps, core.token_rules.fits
+        if key is None:
+            items, out = replica.items(deps)
+            if not fits(out):
+                return None
+            return Reply(200, {"items": items, "causal-metadata": render_metadata(out)})
+        if req.method in ("PUT", "DELETE"):
+            if req.method == "DELETE" and not replica.is_live(key):
+                return error(404, f"key {key!r} does not exist", deps)
+            written = replica.write(key, req.value, deps, core.k.wall_ms)
+            if written is None:
+                return None
+            core.notify()
+            return Reply(200, {"causal-metadata": render_metadata(written)})
+        entry, out = replica.read(key, deps)
+        if not fits(out):
+            return None
+        if entry is None or entry.value is None:
+            return error(404, f"key {key!r} does not exist", out)
+        return Reply(200, {"value": entry.value, "causal-metadata": render_metadata(out)})
+
+    # ------------------------------------------------------------ waits
+    def _park(self, p: Pending, why: str) -> None:
+        if p.final:
+            return self.finish(p, self._timeout(p, why))
+        if p.rid not in self._parked:
+            cfg = self.core.config
+            if len(self._parked) >= cfg.max_waiting:
+                return self.finish(p, error(
+                    503, "too many requests already waiting here (max_waiting="
+                    f"{cfg.max_waiting}); try again shortly", p.req.deps,
+                ))
+            self._parked[p.rid] = p
+            p.timer = self.core.k.at(p.deadline, lambda: self._expire(p))
+        p.parked = why
+
+    def _unpark(self, p: Pending) -> None:
+        if self._parked.pop(p.rid, None) is not None and p.timer is not None:
+            p.timer.cancel()
+        p.parked = None
+
+    def _expire(self, p: Pending) -> None:
+        """The deadline: one last look, then answer with why it still waits."""
+        if p.rid in self._parked:
+            self._parked.pop(p.rid)
+            p.final = True
+            self._attempt(p)
+
+    def _timeout(self, p: Pending, why: str) -> Reply:
+        deps = p.req.deps
+        if why == CHANGE:
+            return error(503, "view change in progress; try again", deps)
+        if why == HANDOFF:
+            return error(503, "this key's data is still being handed off by its previous "
+                         "owners, which are unreachable; try again", deps)
+        if why == DEPS:
+            return error(503, "causal dependencies not yet available on this replica; its "
+                         f"shard may be partitioned (waited {p.wait:g}s)", deps)
+        rules = self.core.token_rules
+        return error(
+            503, "the answer's causal metadata would exceed the token limits (max_token_deps="
+            f"{rules.max_deps}, max_token_bytes={rules.max_bytes}): too many writes in this "
+            "session's past have not reached every replica yet; retry once replication catches "
+            "up, or start a new session", deps,
+        )
