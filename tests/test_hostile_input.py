@@ -220,6 +220,30 @@ def key_probes(draw: st.DrawFn) -> Probe:
                  expect=frozenset({400}) if kind != "empty" else frozenset({400, 404, 405}))
 
 
+@st.composite
+def body_probes(draw: st.DrawFn) -> Probe:
+    """Data request bodies no node may accept: not JSON, not an object, a value that is not a
+    string or is too large."""
+    kind = draw(st.sampled_from(["not-json", "not-object", "value", "no-value", "too-big"]))
+    method = draw(st.sampled_from(["PUT", "GET", "DELETE"])) if kind in (
+        "not-json", "not-object") else "PUT"
+    expect = frozenset({400})
+    if kind == "not-json":
+        body = draw(st.binary(min_size=1, max_size=40).filter(lambda b: not _is_json(b)))
+    elif kind == "not-object":
+        body = encode(draw(json_any.filter(lambda v: not isinstance(v, dict))))
+    elif kind == "value":
+        body = encode({"value": draw(json_any.filter(lambda v: not isinstance(v, str)))})
+    elif kind == "no-value":
+        body = encode(draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k != "value"),
+                                           json_leaf, max_size=3)))
+    else:
+        body = encode({"value": "v" * (Config().max_value_bytes + draw(st.integers(1, 4096)))})
+        expect = frozenset({413})
+    return Probe(f"body {kind}: {body[:60]!r}", method, key_path(draw(st.sampled_from(["x", "y"]))),
+                 body=body, node=draw(st.sampled_from(NODES)), expect=expect)
+
+
 def _base_view(addresses: dict[int, str]) -> dict[str, Any]:
     return {"A": [{"address": addresses[i], "id": i} for i in (1, 2)],
             "B": [{"address": addresses[i], "id": i} for i in (3, 4)]}
@@ -499,8 +523,8 @@ WITH_AND_WITHOUT_SECRET = pytest.mark.parametrize("secret", [False, True],
 
 @WITH_AND_WITHOUT_SECRET
 @EXAMPLES
-@given(probes=st.lists(st.one_of(token_probes(), header_probes(), key_probes()), min_size=1,
-                       max_size=6))
+@given(probes=st.lists(st.one_of(token_probes(), header_probes(), key_probes(), body_probes()),
+                       min_size=1, max_size=6))
 def test_bad_client_requests_are_refused_and_change_nothing(secret: bool,
                                                             probes: list[Probe]) -> None:
     run_in_cluster(secret, lambda cluster: probe_all(cluster, probes))
