@@ -560,7 +560,7 @@ def test_malformed_and_forged_peer_messages_are_refused(secret: bool, garbage: l
 
 
 UNUSUAL_KEYS = [".", "..", "...", "a/b", " ", "a b", "ü", "日本語", "%", "%2F", "?", "#", "+",
-                "a?b=c", "~", "-", "é/.."]
+                "a?b=c", "~", "-", "é/..", "a\nb", "\t"]
 keys = st.one_of(st.sampled_from(UNUSUAL_KEYS), st.text(min_size=1, max_size=30)).filter(
     lambda k: len(k.encode("utf-8", "surrogatepass")) <= 1024 and _utf8(k))
 
@@ -726,3 +726,45 @@ def test_a_write_version_is_above_its_dependencies_whatever_the_clock() -> None:
         assert_healthy(cluster)
 
     run_in_cluster(False, body)
+
+
+def test_a_background_task_failure_is_counted_logged_and_the_task_restarts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 9 item 7: a replication sender that raises (here: its batch maker, once) is
+    restarted; the failure is counted and logged, the node keeps serving, and the write it
+    was about to push still reaches the other replica."""
+
+    async def body(cluster: Cluster) -> None:
+        node = cluster.nodes[1]
+        original = node.replica.batch_for
+        failed: list[bool] = []
+
+        def fails_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("injected sender failure")
+            return original(*args, **kwargs)
+
+        node.replica.batch_for = fails_once  # type: ignore[method-assign]
+        view = node.replica.view
+        assert view is not None
+        key = next(f"b{i}" for i in range(1000) if view.shard_for(f"b{i}") == "A")
+        async with cluster.client(1) as c:
+            r = await c.put(key_path(key), json={"value": "pushed"})
+            assert r.status_code == 200, r.text
+            meta = r.json()["causal-metadata"]
+        with trio.fail_after(20):
+            while not failed:
+                await trio.sleep(0.05)
+        async with cluster.client(2) as c2:  # waits (bounded) until the restarted sender pushed
+            r = await c2.request("GET", key_path(key), json={"causal-metadata": meta})
+            assert r.status_code == 200 and r.json()["value"] == "pushed", r.text
+        assert node.task_failures >= 1  # type: ignore[attr-defined]
+        assert "injected sender failure" in caplog.text
+        for other in (2, 3, 4):
+            failures = getattr(cluster.nodes[other], "task_failures", None)
+            assert failures == 0, (other, failures)
+
+    with caplog.at_level("WARNING"):
+        run_in_cluster(False, body)
