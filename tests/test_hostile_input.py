@@ -220,6 +220,30 @@ def key_probes(draw: st.DrawFn) -> Probe:
                  expect=frozenset({400}) if kind != "empty" else frozenset({400, 404, 405}))
 
 
+@st.composite
+def body_probes(draw: st.DrawFn) -> Probe:
+    """Data request bodies no node may accept: not JSON, not an object, a value that is not a
+    string or is too large."""
+    kind = draw(st.sampled_from(["not-json", "not-object", "value", "no-value", "too-big"]))
+    method = draw(st.sampled_from(["PUT", "GET", "DELETE"])) if kind in (
+        "not-json", "not-object") else "PUT"
+    expect = frozenset({400})
+    if kind == "not-json":
+        body = draw(st.binary(min_size=1, max_size=40).filter(lambda b: not _is_json(b)))
+    elif kind == "not-object":
+        body = encode(draw(json_any.filter(lambda v: not isinstance(v, dict))))
+    elif kind == "value":
+        body = encode({"value": draw(json_any.filter(lambda v: not isinstance(v, str)))})
+    elif kind == "no-value":
+        body = encode(draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k != "value"),
+                                           json_leaf, max_size=3)))
+    else:
+        body = encode({"value": "v" * (Config().max_value_bytes + draw(st.integers(1, 4096)))})
+        expect = frozenset({413})
+    return Probe(f"body {kind}: {body[:60]!r}", method, key_path(draw(st.sampled_from(["x", "y"]))),
+                 body=body, node=draw(st.sampled_from(NODES)), expect=expect)
+
+
 def _base_view(addresses: dict[int, str]) -> dict[str, Any]:
     return {"A": [{"address": addresses[i], "id": i} for i in (1, 2)],
             "B": [{"address": addresses[i], "id": i} for i in (3, 4)]}
@@ -499,8 +523,8 @@ WITH_AND_WITHOUT_SECRET = pytest.mark.parametrize("secret", [False, True],
 
 @WITH_AND_WITHOUT_SECRET
 @EXAMPLES
-@given(probes=st.lists(st.one_of(token_probes(), header_probes(), key_probes()), min_size=1,
-                       max_size=6))
+@given(probes=st.lists(st.one_of(token_probes(), header_probes(), key_probes(), body_probes()),
+                       min_size=1, max_size=6))
 def test_bad_client_requests_are_refused_and_change_nothing(secret: bool,
                                                             probes: list[Probe]) -> None:
     run_in_cluster(secret, lambda cluster: probe_all(cluster, probes))
@@ -536,7 +560,7 @@ def test_malformed_and_forged_peer_messages_are_refused(secret: bool, garbage: l
 
 
 UNUSUAL_KEYS = [".", "..", "...", "a/b", " ", "a b", "ü", "日本語", "%", "%2F", "?", "#", "+",
-                "a?b=c", "~", "-", "é/.."]
+                "a?b=c", "~", "-", "é/..", "a\nb", "\t"]
 keys = st.one_of(st.sampled_from(UNUSUAL_KEYS), st.text(min_size=1, max_size=30)).filter(
     lambda k: len(k.encode("utf-8", "surrogatepass")) <= 1024 and _utf8(k))
 
@@ -702,3 +726,45 @@ def test_a_write_version_is_above_its_dependencies_whatever_the_clock() -> None:
         assert_healthy(cluster)
 
     run_in_cluster(False, body)
+
+
+def test_a_background_task_failure_is_counted_logged_and_the_task_restarts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 9 item 7: a replication sender that raises (here: its batch maker, once) is
+    restarted; the failure is counted and logged, the node keeps serving, and the write it
+    was about to push still reaches the other replica."""
+
+    async def body(cluster: Cluster) -> None:
+        node = cluster.nodes[1]
+        original = node.replica.batch_for
+        failed: list[bool] = []
+
+        def fails_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("injected sender failure")
+            return original(*args, **kwargs)
+
+        node.replica.batch_for = fails_once  # type: ignore[method-assign]
+        view = node.replica.view
+        assert view is not None
+        key = next(f"b{i}" for i in range(1000) if view.shard_for(f"b{i}") == "A")
+        async with cluster.client(1) as c:
+            r = await c.put(key_path(key), json={"value": "pushed"})
+            assert r.status_code == 200, r.text
+            meta = r.json()["causal-metadata"]
+        with trio.fail_after(20):
+            while not failed:
+                await trio.sleep(0.05)
+        async with cluster.client(2) as c2:  # waits (bounded) until the restarted sender pushed
+            r = await c2.request("GET", key_path(key), json={"causal-metadata": meta})
+            assert r.status_code == 200 and r.json()["value"] == "pushed", r.text
+        assert node.task_failures >= 1  # type: ignore[attr-defined]
+        assert "injected sender failure" in caplog.text
+        for other in (2, 3, 4):
+            failures = getattr(cluster.nodes[other], "task_failures", None)
+            assert failures == 0, (other, failures)
+
+    with caplog.at_level("WARNING"):
+        run_in_cluster(False, body)
