@@ -20,7 +20,13 @@ import trio
 
 from .config import Config
 from .core import Answer, Call, Cancel, Core, Failed, Log, Outcome, Output, Reply, Request, Respond
-from .core.forwarding import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, key_path_segment
+from .core.forwarding import (
+    BUDGET_HEADER,
+    HOPS_HEADER,
+    RETRY_HEADER,
+    WRITE_ID_HEADER,
+    key_path_segment,
+)
 from .core.viewchange import ChangeProgress
 from .messages import WireRules
 from .metadata import Deps, TokenRules
@@ -31,7 +37,8 @@ from .view import View
 log = logging.getLogger("trio_kv.node")
 
 __all__ = [
-    "BUDGET_HEADER", "HOPS_HEADER", "WRITE_ID_HEADER", "Node", "Reply", "key_path_segment",
+    "BUDGET_HEADER", "HOPS_HEADER", "RETRY_HEADER", "WRITE_ID_HEADER", "Node", "Reply",
+    "key_path_segment",
 ]
 
 
@@ -75,7 +82,7 @@ class Node:
                 keepalive, config.cluster_secret, config.max_peer_message_bytes,
             ),
         }
-        self.task_failures = 0  # shell tasks that failed (each logged; the node goes on)
+        self._failures = 0  # shell steps that failed (each logged; the node goes on)
         self.started = trio.Event()
         self._rids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
@@ -85,6 +92,11 @@ class Node:
         self._sleeping_until = math.inf
 
     # ================================================================ what others read
+    @property
+    def task_failures(self) -> int:
+        """Background work that failed (logged; it was retried and the node went on)."""
+        return self._failures + self.core.k.failures
+
     @property
     def replica(self) -> Replica:
         return self.core.replica
@@ -161,7 +173,7 @@ class Node:
         try:
             outputs = fn(*args)
         except Exception:
-            self.task_failures += 1
+            self._failures += 1
             log.exception("node %s: the core failed on %s", self.node_id, fn.__name__)
             return
         self._carry_out(outputs)
@@ -209,9 +221,10 @@ class Node:
         hops: int = 0,
         budget: float | None = None,
         write_id: str | None = None,
+        retry: bool = False,
     ) -> Reply:
         """Serve or forward one client data request (``key`` None means ``GET /data``)."""
-        req = Request(method, key, deps, value, hops, budget, write_id)
+        req = Request(method, key, deps, value, hops, budget, write_id, retry)
         return await self._ask(lambda rid: self.core.request(rid, req, *self._now()))
 
     async def put_view(self, view: View) -> str | None:

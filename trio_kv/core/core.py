@@ -48,6 +48,7 @@ class Core:
             ),
         )
         self.installs = 0  # views installed so far
+        self.born: float | None = None  # time of the first input: this incarnation began
         self._changed = False  # data changed since the waiters last looked
         self._stabler = False  # peers confirmed more of our stream: tokens shrink
         self.requests = Requests(self)
@@ -113,12 +114,18 @@ class Core:
     def view_status(self) -> dict[str, Any]:
         return self.changes.view_status()
 
+    def uptime(self) -> float:
+        """Seconds since this incarnation's first input."""
+        return self.k.now - (self.born if self.born is not None else self.k.now)
+
     def waiting(self) -> int:
         """Client requests parked in a wait."""
         return self.requests.parked_count()
 
     # ================================================================ shared by the parts
     def _at(self, now: float, wall_ms: int) -> None:
+        if self.born is None:
+            self.born = now
         self.k.now = max(self.k.now, now)
         self.k.wall_ms = wall_ms
 

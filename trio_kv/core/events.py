@@ -24,6 +24,7 @@ class Request:
     hops: int = 0
     budget: float | None = None  # seconds the forwarding node lets us wait
     write_id: str | None = None  # a forwarded write: a retry gets the same answer
+    retry: bool = False  # sent again after an attempt whose outcome the sender cannot know
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 HOPS_HEADER = "x-kv-hops"
 BUDGET_HEADER = "x-kv-budget"
 WRITE_ID_HEADER = "x-kv-write-id"
+RETRY_HEADER = "x-kv-retry"
 
 
 def key_path_segment(key: str) -> str:
@@ -114,6 +115,8 @@ class Forwarding:
         timeout = min(remaining, cfg.forward_attempt_timeout)
         # The target may wait for causal deps; it must answer before our attempt ends.
         f.headers[BUDGET_HEADER] = f"{max(0.0, timeout - min(1.0, timeout / 4)):.3f}"
+        if f.sticky is not None:
+            f.headers[RETRY_HEADER] = "1"  # the target may have applied an earlier attempt
         f.cid = k.call(
             target.address, f.p.req.method, f.path, f.content, timeout,
             lambda outcome: self._done(f, target, outcome), lane="forward",

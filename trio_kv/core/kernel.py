@@ -7,7 +7,9 @@ fire when the caller ticks, and calls are decisions the caller carries out.
 from __future__ import annotations
 
 import heapq
+import logging
 import random
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +38,13 @@ class Kernel:
     _seq: int = 0
     _calls: dict[int, OnDone] = field(default_factory=dict)
     _cid: int = 0
+    failures: int = 0  # timers and call outcomes whose handler raised (each logged)
+
+    def failed(self, what: str) -> None:
+        """A handler raised: count it and log it with its traceback; the node goes on (the
+        handler's owner retries, or the change deadline moves past it)."""
+        self.failures += 1
+        self.log(logging.ERROR, f"{what} failed:\n{traceback.format_exc()}")
 
     def emit(self, output: Output) -> None:
         self.out.append(output)
@@ -71,7 +80,10 @@ class Kernel:
             _at, _seq, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.fn()
+                try:
+                    timer.fn()
+                except Exception:
+                    self.failed("a timer")
 
     # ------------------------------------------------------------ calls
     def call(
@@ -90,7 +102,10 @@ class Kernel:
     def done(self, cid: int, outcome: Outcome) -> None:
         on_done = self._calls.pop(cid, None)
         if on_done is not None:
-            on_done(outcome)
+            try:
+                on_done(outcome)
+            except Exception:
+                self.failed(f"handling the outcome of call {cid}")
 
     def calls_in_flight(self) -> int:
         return len(self._calls)

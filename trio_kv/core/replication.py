@@ -33,6 +33,7 @@ class Sender:
     cid: int | None = None
     timer: Timer | None = None
     stopped: bool = False
+    crashes: int = 0  # in a row: the restart backs off
 
 
 class Replication:
@@ -80,10 +81,18 @@ class Replication:
         s.timer = self.core.k.after(delay, lambda: self._top(s))
 
     def _push(self, s: Sender) -> None:
+        """Build and send the next batch.  A failure here (a bug, or data we did not
+        foresee) is counted and logged, and the sender starts over after a backoff, while
+        the node keeps serving."""
         core = self.core
         s.timer = None
         s.last_push = core.k.now
-        batch = core.replica.batch_for(s.peer.id, s.max_bytes)
+        try:
+            batch = core.replica.batch_for(s.peer.id, s.max_bytes)
+        except Exception:
+            s.crashes += 1
+            core.k.failed(f"node {core.node_id}: the sender to {s.peer.id}")
+            return self._wait(s, core.backoff(s.crashes))
         if batch is None:
             s.stopped = True
             return
@@ -93,6 +102,14 @@ class Replication:
         )
 
     def _answered(self, s: Sender, batch: SyncBatch, outcome: Outcome) -> None:
+        try:
+            self._after_push(s, batch, outcome)
+        except Exception:
+            s.crashes += 1
+            self.core.k.failed(f"node {self.core.node_id}: the sender to {s.peer.id}")
+            self._wait(s, self.core.backoff(s.crashes))
+
+    def _after_push(self, s: Sender, batch: SyncBatch, outcome: Outcome) -> None:
         core, cfg = self.core, self.core.config
         s.cid = None
         retry = cfg.retry_interval * core.k.jitter(0.5, 1.5)
@@ -100,6 +117,7 @@ class Replication:
         if not isinstance(reply, SyncReply):
             s.max_bytes = self._after_refusal(reply, s.max_bytes, len(batch.entries), s.peer.id)
             return self._wait(s, retry)
+        s.crashes = 0
         core.observe_epoch(s.peer.id, reply.epoch, reply.view_id)
         if core.replica.on_sync_reply(s.peer.id, reply):
             core.claims_advanced()

@@ -74,6 +74,15 @@ class Requests:
             if (done := self.applied.get(dedup)) is not None:
                 self.core.k.emit(Respond(rid, done))
                 return
+            if req.retry and self.core.uptime() < cfg.wait_deadline:
+                # An earlier attempt was sent at most wait_deadline ago: it may have reached
+                # our previous incarnation, whose answers we lost.  Applying it again could
+                # overwrite a later write (the simulator found this); say we cannot know.
+                self.core.k.emit(Respond(rid, error(
+                    503, "this node restarted since the write was first sent; it may or may "
+                    "not have been applied", req.deps, outcome="unknown",
+                )))
+                return
         wait = cfg.wait_deadline if req.budget is None else max(
             0.0, min(req.budget, cfg.wait_deadline)
         )

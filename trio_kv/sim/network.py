@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from ..config import Config
 from ..core import Answer, Call, Cancel, Core, Failed, Outcome, Output, Reply, Request, Respond
-from ..core.forwarding import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER
+from ..core.forwarding import BUDGET_HEADER, HOPS_HEADER, RETRY_HEADER, WRITE_ID_HEADER
 from ..messages import WireError, dumps, loads
 from ..metadata import MetadataError, parse_metadata
 
@@ -231,5 +231,5 @@ def _forwarded(dst: SimNode, call: Call, wall: int) -> Request | None:
     return Request(
         call.method, unquote(call.path[len("/data/"):]), deps, body.get("value"),
         int(headers.get(HOPS_HEADER, "0")), float(budget) if budget is not None else None,
-        headers.get(WRITE_ID_HEADER),
+        headers.get(WRITE_ID_HEADER), headers.get(RETRY_HEADER) == "1",
     )
