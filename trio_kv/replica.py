@@ -100,8 +100,21 @@ class Replica:
         there, or writes acknowledged here could be missed by reads there once stable."""
         self.custody.fence(view, within, self.view)
 
-    def peer_serves(self, member: int, view_id: str) -> None:
+    def peer_serves(self, member: int, view_id: str) -> bool:
+        """A member of a fencing view serves ours; True if a fence lifted.
+
+        While fenced, our pushes skipped the fenced keys yet covered their stream positions,
+        so a peer's confirmation says nothing about them.  Lifted, they are ours again: they
+        take new positions, are pushed again and count as stable only once confirmed (the
+        simulator found a read served stale after a fence lifted, staggered views)."""
+        before = list(self.custody.fences)
         self.custody.peer_serves(member, view_id, self.view)
+        lifted = [f for f in before if all(f is not g for g in self.custody.fences)]
+        if not lifted:
+            return False
+        for key in [k for k in self.store.entries if any(f.covers(k) for f in lifted)]:
+            self.store.touch(key)
+        return True
 
     # ----------------------------------------------------------------- epochs
     def observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:

@@ -263,8 +263,11 @@ class ViewChanges:
     def _probed(self, member: int, outcome: Any) -> None:
         core = self.core
         status = view_status_of(core, outcome)
-        if status is not None and status.view is not None and not status.changing:
-            core.replica.peer_serves(member, status.view.view_id)
+        if (
+            status is not None and status.view is not None and not status.changing
+            and core.replica.peer_serves(member, status.view.view_id)
+        ):
+            core.notify()  # fenced keys are ours again: push them, wake their readers
         self.probing -= 1
         if self.probing == 0:
             core.k.after(core.config.fence_probe_interval, self._probe)
