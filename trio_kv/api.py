@@ -234,7 +234,7 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
             body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
             try:
-                return _json(200, handler(body))
+                return _json(200, await handler(body))
             except WireError as exc:
                 log.warning("node %s: refused %s from %s: %s", node.node_id, request.url.path,
                             request.client.host if request.client else "?", exc)

@@ -134,7 +134,26 @@ class Node:
         return trio.current_time(), self.wall_ms()
 
     def _carry_out(self, outputs: list[Output]) -> None:
-        """Send, then answer (no output needs persisting yet: the store is in memory)."""
+        """Carry out decisions now, or (when some must wait for the disk) in a task."""
+        if self._persisting(outputs):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._carry_out_durably, outputs)
+        else:
+            self._send_and_answer(outputs)
+
+    def _persisting(self, outputs: list[Output]) -> bool:
+        """Whether sends and answers must first wait for the disk (raft's Ready: persist,
+        then send, then answer).  The store is in memory: never yet."""
+        return False
+
+    async def _carry_out_durably(self, outputs: list[Output]) -> None:
+        await self._durable(outputs)
+        self._send_and_answer(outputs)
+
+    async def _durable(self, outputs: list[Output]) -> None:
+        """Wait until what the core changed so far is on disk (nothing to do in memory)."""
+
+    def _send_and_answer(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Call):
                 if self._nursery is None:
@@ -233,19 +252,24 @@ class Node:
         reply = await self._ask(lambda rid: self.core.put_view(rid, view, *self._now()))
         return None if reply.status == 200 else str((reply.payload or {}).get("error"))
 
-    def on_sync(self, raw: Any) -> dict[str, Any]:
-        answer, outputs = self.core.on_sync(raw, *self._now())
-        self._carry_out(outputs)
-        return answer
+    async def on_sync(self, raw: Any) -> dict[str, Any]:
+        return await self._peer_message(self.core.on_sync, raw)
 
-    def on_pull(self, raw: Any) -> dict[str, Any]:
-        answer, outputs = self.core.on_pull(raw, *self._now())
-        self._carry_out(outputs)
-        return answer
+    async def on_pull(self, raw: Any) -> dict[str, Any]:
+        return await self._peer_message(self.core.on_pull, raw)
 
-    def on_handoff(self, raw: Any) -> dict[str, Any]:
-        answer, outputs = self.core.on_handoff(raw, *self._now())
-        self._carry_out(outputs)
+    async def on_handoff(self, raw: Any) -> dict[str, Any]:
+        return await self._peer_message(self.core.on_handoff, raw)
+
+    async def _peer_message(
+        self, handle: Callable[..., tuple[dict[str, Any], list[Output]]], raw: Any
+    ) -> dict[str, Any]:
+        """A peer message is answered at once, but only once what it changed is durable
+        (our answer lets the sender count what it sent as stable, or drop its copy)."""
+        answer, outputs = handle(raw, *self._now())
+        if self._persisting(outputs):
+            await self._durable(outputs)
+        self._send_and_answer(outputs)
         return answer
 
     def resync(self) -> None:

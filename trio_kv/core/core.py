@@ -22,7 +22,7 @@ from ..messages import WireRules
 from ..metadata import TokenRules
 from ..replica import Replica, ReplicaLimits
 from ..view import View
-from .events import Outcome, Output, Request
+from .events import Outcome, Output, Persist, Request
 from .kernel import Kernel
 from .replication import Replication
 from .requests import Requests
@@ -51,6 +51,8 @@ class Core:
         self.born: float | None = None  # time of the first input: this incarnation began
         self._changed = False  # data changed since the waiters last looked
         self._stabler = False  # peers confirmed more of our stream: tokens shrink
+        self._dirty = False  # data changed: to persist before what follows is sent
+        self._dirty_state = False  # the view or custody changed: to persist too
         self.requests = Requests(self)
         self.replication = Replication(self)
         self.changes = ViewChanges(self)
@@ -136,11 +138,19 @@ class Core:
             if changed:
                 self.replication.on_news()
             self.requests.reevaluate()
-        return self.k.take()
+        out = self.k.take()
+        if self._dirty or self._dirty_state:
+            out.insert(0, Persist(self._dirty_state))
+            self._dirty = self._dirty_state = False
+        return out
 
     def notify(self) -> None:
         """Data (or the view) changed: waiting readers and idle senders look again."""
-        self._changed = True
+        self._changed = self._dirty = True
+
+    def state_changed(self) -> None:
+        """The view or custody changed (a restart must resume from it)."""
+        self._dirty_state = True
 
     def claims_advanced(self) -> None:
         self._stabler = True
@@ -173,5 +183,6 @@ class Core:
 
     def view_installed(self) -> None:
         self.installs += 1
+        self.state_changed()
         self.replication.restart()
         self.notify()

@@ -82,7 +82,11 @@ class Log:
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """Make what changed durable before the sends and answers that follow it."""
+    """Make what changed durable before the sends and answers that follow it (first in the
+    list when present).  ``state``: the view or custody (debts, pulls, fences) changed too,
+    not only data."""
+
+    state: bool = False
 
 
 Output = Respond | Call | Cancel | Wake | Log | Persist

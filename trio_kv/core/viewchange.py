@@ -143,6 +143,7 @@ class ViewChanges:
 
     def _custody(self, phase: Phase, old: View | None, held_data: bool) -> None:
         self.core.replica.begin_change(old, phase.view, held_data)
+        self.core.state_changed()
         self._work(phase)
 
     def _work(self, phase: Phase) -> None:
@@ -174,6 +175,8 @@ class ViewChanges:
     def _task_ended(self, phase: Phase, task: Task) -> None:
         if task in phase.tasks:
             phase.tasks.remove(task)
+        if isinstance(task, PullTask):
+            self.core.state_changed()  # a debt settled, or more are owed
         if isinstance(task, PullTask) and task.started:
             self._start_pulls(phase, task.started)
             self.core.notify()
@@ -268,6 +271,7 @@ class ViewChanges:
             and core.replica.peer_serves(member, status.view.view_id)
         ):
             core.notify()  # fenced keys are ours again: push them, wake their readers
+            core.state_changed()
         self.probing -= 1
         if self.probing == 0:
             core.k.after(core.config.fence_probe_interval, self._probe)
@@ -290,6 +294,7 @@ class ViewChanges:
             return PullPage(self.whoami(), [], None, None, stale=True).to_wire()
         core.observe_epoch(sender.node, sender.epoch, view.view_id)
         replica.fence(view, list(request.within))
+        core.state_changed()  # a restart must not serve fenced keys again
         entries, nxt = replica.pull_page(
             request.within, request.after, request.limit, request.max_bytes
         )
