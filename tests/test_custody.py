@@ -196,17 +196,17 @@ def test_epochs_order_installs_and_refuse_pulls_from_older_views():
     assert b.epoch == 2
     # a, still on v1, hears of v2: it reports a newer view, and a pull from v1 is stale for b
     a.observe_epoch(3, b.epoch, v2.view_id)
-    assert a.newer_view is not None and a.newer_view.view_id == v2.view_id
+    assert a.epochs.newer_view is not None and a.epochs.newer_view.view_id == v2.view_id
     assert b.stale_puller(v1.view_id, a.epoch)
     # a node changing to a view after hearing of epoch 2 gets an epoch above it, so its
     # pulls are not stale to b, whatever the view
     a.begin_change(v1, _view({"A": [1], "B": [2, 3]}), held_data=True)
-    assert a.change_epoch() == 3 and not b.stale_puller("other", a.change_epoch())
+    assert a.epochs.change() == 3 and not b.stale_puller("other", a.epochs.change())
     # replicas of one view converge on the highest epoch any of them gave it
     c = Replica(2, "2.x")
     c.install_view(v2)
     c.observe_epoch(3, b.epoch, v2.view_id)
-    assert c.epoch == b.epoch and c.newer_view is None
+    assert c.epoch == b.epoch and c.epochs.newer_view is None
 
 
 def test_members_leaving_our_shard_are_fenced_though_nothing_is_owed():
@@ -257,7 +257,7 @@ def test_keys_a_lifted_fence_gives_back_are_pushed_again_before_they_count_as_st
     a.install_view(ours)
     key = _key_in(ours, "A", (theirs, "C"))
     a.store.put(key, Entry(Version(10, 1), "v", {}))
-    a.fence(theirs, [(theirs, "C")])  # node 2 (under `theirs`) pulled it from us
+    a.custody.fence(theirs, [(theirs, "C")], a.view)  # node 2 (under `theirs`) pulled it from us
     batch = a.batch_for(2)
     assert batch is not None and batch.entries == [] and batch.upto == a.store.head
     a.on_sync_reply(2, SyncReply("2.y", ours.view_id, batch.upto, True, a.epoch))

@@ -171,9 +171,9 @@ class Core:
         return base * self.k.jitter(0.5, 1.5)
 
     def observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:
-        before = self.replica.newer_view
+        before = self.replica.epochs.newer_view
         self.replica.observe_epoch(peer, epoch, view_id)
-        newer = self.replica.newer_view
+        newer = self.replica.epochs.newer_view
         if newer is not None and newer != before:
             self.k.log(logging.INFO, (
                 f"node {self.node_id}: node {newer.peer} serves view {newer.view_id} at epoch "

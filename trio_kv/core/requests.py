@@ -128,7 +128,7 @@ class Requests:
                     p, error(503, "request forwarded too many times; views disagree", deps)
                 )
             return self.forwarding.start(p)
-        if req.method != "PUT" and replica.awaiting_handoff(key):
+        if req.method != "PUT" and replica.custody.awaiting(key):
             return self._park(p, HANDOFF)
         if req.method != "PUT":
             unmet = replica.unmet_in_shard(deps) if key is None else replica.unmet(key, deps)

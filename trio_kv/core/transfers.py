@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .. import transfer
 from ..handoff import Pull
 from ..messages import Handoff, PeerViewStatus, PullPage, PullRequest, Whoami, WireError, dumps
 from ..store import Entry
@@ -197,7 +198,7 @@ class PullTask(Task):
         progress.bytes_received += sum(e.size for _, e in page.entries)
         core.notify()
         if page.report is not None:
-            self.started = core.replica.pulled(pull, page.report)
+            self.started = core.replica.custody.pulled(pull, page.report)
             return self.end()
         assert page.next is not None
         self.cursor = page.next
@@ -225,7 +226,7 @@ class HandoffTask(Task):
     failures: int = 0
 
     def begin(self, core: Core, keys: list[str]) -> None:
-        self.batches = core.replica.handoff_batches(keys)
+        self.batches = transfer.handoff_batches(core.replica, keys)
         self._next(core)
 
     def _receivers(self) -> tuple[Member, ...]:
@@ -282,7 +283,7 @@ class HandoffTask(Task):
             # Every receiver holds these versions; a key changed here since stays for the
             # next round of handoff.
             assert self.view is not None
-            core.replica.drop_if_unchanged(self.entries, self.view)
+            transfer.drop_if_unchanged(core.replica, self.entries, self.view)
             return self._next(core)
         self.failures += 1
         self.timer = core.k.after(core.backoff(self.failures), lambda: self._round(core))

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import transfer
 from ..handoff import Pull
 from ..messages import Handoff, PullPage, PullRequest, Whoami, WireError
 from ..view import Member, View
@@ -150,7 +151,7 @@ class ViewChanges:
         """New pulls, those of earlier changes still unfinished, and the handoffs."""
         phase.starting += 1
         self._start_pulls(phase, self.core.replica.custody.pending())
-        foreign = self.core.replica.foreign_keys(phase.view)
+        foreign = transfer.foreign_keys(self.core.replica, phase.view)
         for shard in sorted(foreign):
             if phase is not self.phase:
                 break
@@ -235,7 +236,8 @@ class ViewChanges:
     def _finish_progress(self) -> None:
         replica = self.core.replica
         view = replica.view
-        remaining = sum(len(ks) for ks in replica.foreign_keys(view).values()) if view else 0
+        foreign = transfer.foreign_keys(replica, view) if view else {}
+        remaining = sum(len(keys) for keys in foreign.values())
         self.progress.keys_remaining = remaining
         self.progress.pulls_pending = replica.custody.pending_members()
         pending = remaining or self.progress.pulls_pending
@@ -287,16 +289,16 @@ class ViewChanges:
         replica = core.replica
         request = PullRequest.from_wire(raw, core.wire_rules())
         view, sender = request.view, request.sender
-        refusal = replica.pull_refusal(sender.node, view, request.within)
+        refusal = transfer.pull_refusal(replica, sender.node, view, request.within)
         if refusal is not None:
             raise WireError(f"pull refused: {refusal}")
         if replica.stale_puller(view.view_id, sender.epoch):
             return PullPage(self.whoami(), [], None, None, stale=True).to_wire()
         core.observe_epoch(sender.node, sender.epoch, view.view_id)
-        replica.fence(view, list(request.within))
+        replica.custody.fence(view, list(request.within), replica.view)
         core.state_changed()  # a restart must not serve fenced keys again
-        entries, nxt = replica.pull_page(
-            request.within, request.after, request.limit, request.max_bytes
+        entries, nxt = transfer.pull_page(
+            replica, request.within, request.after, request.limit, request.max_bytes
         )
         report = replica.custody.report() if nxt is None else None
         core.notify()  # a fence moves keys away: parked requests follow them
@@ -320,7 +322,7 @@ class ViewChanges:
             "id": self.core.node_id,
             "shard": replica.shard,
             "epoch": replica.epoch,
-            "newer_view_seen": asdict(newer) if (newer := replica.newer_view) else None,
+            "newer_view_seen": asdict(newer) if (newer := replica.epochs.newer_view) else None,
             "view_id": view.view_id if view else None,
             "keys": len(replica.store),
             "fenced_to": [
