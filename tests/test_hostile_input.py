@@ -783,3 +783,21 @@ def test_a_background_task_failure_is_counted_logged_and_the_task_restarts(
 
     with caplog.at_level("WARNING"):
         run_in_cluster(False, body)
+
+
+def test_oversized_headers_get_a_json_431_and_change_nothing() -> None:
+    async def body(cluster: Cluster) -> None:
+        before = await settled_snapshot(cluster)
+        big = "f" * (Config().max_header_bytes + 1)
+        for node in NODES:
+            for probe in (
+                Probe("big header", "PUT", key_path("x"), body=encode({"value": "no"}),
+                      headers={"x-filler": big}, node=node, expect=frozenset({431})),
+                Probe("big token header", "GET", key_path("x"), node=node,
+                      headers={"x-causal-metadata": encode({"deps": {big: [1, 1]}}).decode()},
+                      expect=frozenset({431})),
+            ):
+                await check_probe(cluster, probe, before)
+        await still_works(cluster, "after431")
+
+    run_in_cluster(False, body)
