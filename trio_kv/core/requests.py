@@ -128,7 +128,10 @@ class Requests:
                     p, error(503, "request forwarded too many times; views disagree", deps)
                 )
             return self.forwarding.start(p)
-        if req.method != "PUT" and replica.custody.awaiting(key):
+        # Writes wait too: a write its old owners made (and made stable, so no token names it)
+        # may carry a later timestamp than ours from a faster clock; ours must win, so we
+        # write only once we hold the key's past (issue 9, item 8).
+        if replica.custody.awaiting(key):
             return self._park(p, HANDOFF)
         if req.method != "PUT":
             unmet = replica.unmet_in_shard(deps) if key is None else replica.unmet(key, deps)
