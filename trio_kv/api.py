@@ -10,13 +10,18 @@ from urllib.parse import unquote_to_bytes
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .listing import PageError, parse_page
 from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
+from .metrics import CONTENT_TYPE, registry_for, render
 from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
+from .observe import ObserveMiddleware, RequestStats
+from .openapi import SPEC
 from .transport import SECRET_HEADER
 from .view import ViewError, parse_view
 
@@ -141,11 +146,26 @@ def build_app(node: Node) -> Starlette:
         return _reply(await node.data(request.method, key, deps, value, hops, budget, write_id))
 
     async def data_all(request: Request) -> Response:
+        try:
+            page = parse_page(request.query_params, cfg.max_page_items, cfg.max_key_bytes)
+        except PageError as exc:
+            raise ApiError(400, str(exc)) from exc
         body = await _body(request, cfg.max_request_bytes)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         hops, budget = _forwarding(request)
-        return _reply(await node.data("GET", None, _metadata(request, body), None, hops, budget))
+        deps = _metadata(request, body)
+        return _reply(await node.data("GET", None, deps, None, hops, budget, page=page))
+
+    requests = RequestStats()
+    registry = registry_for(node, requests)
+    openapi = orjson.dumps(SPEC)
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE)
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi, media_type="application/json")
 
     async def view(request: Request) -> Response:
         if request.method == "GET":
@@ -190,12 +210,16 @@ def build_app(node: Node) -> Starlette:
         Route("/data", data_all, methods=["GET"]),
         Route("/data/{key:path}", data_key, methods=["GET", "PUT", "DELETE"]),
         Route("/view", view, methods=["GET", "PUT"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/internal/sync", _internal(node.on_sync), methods=["POST"]),
         Route("/internal/handoff", _internal(node.on_handoff), methods=["POST"]),
         Route("/internal/pull", _internal(node.on_pull), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(ObserveMiddleware, stats=requests,
+                               max_id_bytes=cfg.max_request_id_bytes, access=cfg.access_log)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

@@ -51,6 +51,11 @@ class Config:
     keep_alive_timeout: float = 30.0
     shutdown_grace: float = 5.0
     log_level: str = "info"
+    log_format: str = "auto"  # json | text | auto (text on a terminal, JSON otherwise)
+    access_log: bool = False  # one log line per HTTP request
+    # client conveniences
+    max_page_items: int = 1000  # GET /data?limit= at most this
+    max_request_id_bytes: int = 128
     # Allocations between young-generation GC passes (Python's default: 700).  Refcounting frees
     # almost everything a request makes; frequent passes only cost latency (bench, 1x3 PUT:
     # p99/p50 3.0-3.3 at 700, 1.6-1.9 at 20,000).  0 keeps Python's default.
@@ -68,6 +73,12 @@ _SHORT = {"node_id": "--id"}
 
 def _convert(field_type: object, raw: str) -> object:
     text = str(field_type)
+    if text in ("bool", "<class 'bool'>"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
     if "int" in text and "None" in text:
         return int(raw) if raw else None
     if text in ("int", "<class 'int'>"):
@@ -75,6 +86,23 @@ def _convert(field_type: object, raw: str) -> object:
     if text in ("float", "<class 'float'>"):
         return float(raw)
     return raw
+
+
+def build_parser(prog: str = "trio-kv serve") -> argparse.ArgumentParser:
+    """One flag per Config field, each with a sentence, its unit, default and variable."""
+    from .config_help import describe
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run one trio-kv node (see README.md and docs/API.md).",
+    )
+    for f in fields(Config):
+        flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
+        env = f"KV_{f.name.upper()}" + (f" or {_ALIASES[f.name]}" if f.name in _ALIASES else "")
+        parser.add_argument(
+            flag, dest=f.name, default=None, metavar=f.name.upper(),
+            help=f"{describe(f.name)} Default {f.default!r}; env {env}.",
+        )
+    return parser
 
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -85,16 +113,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         for name in (f"KV_{f.name.upper()}", _ALIASES.get(f.name)):
             if name and env.get(name):
                 values[f.name] = _convert(f.type, env[name])
-    parser = argparse.ArgumentParser(
-        prog="trio-kv", description="Run one trio-kv node (see README.md and API.md)."
-    )
-    for f in fields(Config):
-        flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
-        parser.add_argument(
-            flag, dest=f.name, default=None, metavar=f.name.upper(),
-            help=f"default {f.default!r}; env KV_{f.name.upper()}"
-            + (f" or {_ALIASES[f.name]}" if f.name in _ALIASES else ""),
-        )
+    parser = build_parser()
     args = parser.parse_args(argv)
     for f in fields(Config):
         raw = getattr(args, f.name)

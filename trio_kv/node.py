@@ -22,6 +22,7 @@ import trio
 
 from .config import Config
 from .handoff import Pull
+from .listing import Page, gather, page_of
 from .messages import (
     SyncBatch,
     SyncReply,
@@ -36,6 +37,7 @@ from .messages import (
 )
 from .metadata import Deps, render_metadata
 from .replica import Replica, ReplicaLimits
+from .stats import NodeStats
 from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
 from .view import Member, View, ViewError, parse_view
 
@@ -135,6 +137,7 @@ class Node:
         self._applied: OrderedDict[str, Reply] = OrderedDict()
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self.started = trio.Event()
+        self.stats = NodeStats()  # read by /metrics at scrape time
 
     # ================================================================ services
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -211,6 +214,8 @@ class Node:
                 continue
             self._observe_epoch(peer.id, reply.epoch, reply.view_id)
             self.replica.on_sync_reply(peer.id, reply)
+            self.stats.sync_sent += 1
+            self.stats.sync_entries_sent += len(batch.entries)
             if not reply.accepted:
                 await trio.sleep(cfg.gossip_interval * random.uniform(0.5, 1.5))
                 continue
@@ -223,6 +228,8 @@ class Node:
         batch = SyncBatch.from_wire(raw)
         self._observe_epoch(batch.sender, batch.epoch, batch.view_id)
         reply, changed = self.replica.on_sync(batch)
+        self.stats.sync_received += 1
+        self.stats.sync_entries_received += len(batch.entries)
         if changed:
             self._notify()
         return reply.to_wire()
@@ -237,8 +244,10 @@ class Node:
         hops: int = 0,
         budget: float | None = None,
         write_id: str | None = None,
+        page: Page | None = None,
     ) -> Reply:
-        """Serve or forward one client data request (``key`` None means ``GET /data``).
+        """Serve or forward one client data request (``key`` None means ``GET /data``,
+        all of it, or one ``page`` of it).
 
         ``write_id`` names a forwarded write: a retry of one already answered gets the same
         answer instead of being applied again.
@@ -246,8 +255,9 @@ class Node:
         if write_id is not None and (done := self._applied.get(write_id)) is not None:
             return done
         try:
-            reply = await self._data(method, key, deps, value, hops, budget)
+            reply = await self._data(method, key, deps, value, hops, budget, page)
         except TooManyWaiting:
+            self.stats.waits_refused += 1
             return error(
                 503, f"too many requests already waiting here (max_waiting="
                 f"{self.config.max_waiting}); try again shortly", deps,
@@ -266,6 +276,7 @@ class Node:
         value: str | None,
         hops: int,
         budget: float | None,
+        page: Page | None = None,
     ) -> Reply:
         cfg = self.config
         wait = cfg.wait_deadline if budget is None else max(0.0, min(budget, cfg.wait_deadline))
@@ -277,8 +288,10 @@ class Node:
             installs = self._installs
             if replica.view is None:
                 return error(503, "no view has been set on this node yet", deps)
-            if replica.shard is None:
-                return error(503, "this node is not part of the current view", deps)
+            if key is None and replica.shard is None:  # a routing node: ask every shard
+                if hops >= cfg.max_hops:
+                    return error(503, "request forwarded too many times; views disagree", deps)
+                return await gather(self, deps, page, hops, deadline)
             if key is not None and not replica.owns(key):
                 if hops >= cfg.max_hops:
                     return error(503, "request forwarded too many times; views disagree", deps)
@@ -302,14 +315,24 @@ class Node:
                     )
                 continue
             if method != "PUT" and not ready():
-                if not await self._wait_for(lambda: moved() or ready(), deadline):
+                began = trio.current_time()
+                met = await self._wait_for(lambda: moved() or ready(), deadline)
+                self.stats.causal_waits += 1
+                self.stats.causal_wait_seconds.observe(trio.current_time() - began)
+                if not met:
+                    self.stats.causal_wait_timeouts += 1
                     return self._deps_timeout(deps, wait)
                 continue
-            return self._serve_locally(method, key, deps, value)
+            return self._serve_locally(method, key, deps, value, page)
 
-    def _serve_locally(self, method: str, key: str | None, deps: Deps, value: str | None) -> Reply:
+    def _serve_locally(
+        self, method: str, key: str | None, deps: Deps, value: str | None,
+        page: Page | None = None,
+    ) -> Reply:
         """Answer from this replica: ownership and dependencies were checked with no await since."""
         replica = self.replica
+        if key is None and page is not None:
+            return Reply(200, page_of(replica, deps, page))
         if key is None:
             items, out = replica.items(deps)
             return Reply(200, {"items": items, "causal-metadata": render_metadata(out)})
@@ -333,16 +356,18 @@ class Node:
         )
 
     async def _forward(
-        self, method: str, key: str, deps: Deps, value: str | None, hops: int, deadline: float
+        self, method: str, key: str | None, deps: Deps, value: str | None, hops: int,
+        deadline: float, shard: str = "", query: str = "",
     ) -> Reply:
-        """Try the owning shard's replicas in turn until one answers or the deadline passes."""
+        """Try the owning shard's replicas in turn until one answers or the deadline passes
+        (``key`` None: ``GET /data`` + ``query`` of the named ``shard``)."""
         cfg = self.config
         view = self.replica.view
         assert view is not None
-        fenced_to = self.replica.fence_for(key)
+        fenced_to = self.replica.fence_for(key) if key is not None else None
         if fenced_to is not None:
             view = fenced_to  # a newer owner pulled this key from us
-        shard = view.shard_for(key)
+        shard = view.shard_for(key) if key is not None else shard
         replicas = self._forward_order(
             tuple(m for m in view.shards[shard] if m.id != self.node_id)
         )
@@ -352,7 +377,7 @@ class Node:
         if value is not None:
             body["value"] = value
         content = dumps(body)
-        path = "/data/" + quote(key, safe="")
+        path = "/data/" + quote(key, safe="") if key is not None else "/data" + query
         headers = {HOPS_HEADER: str(hops + 1)}
         if method != "GET":
             # A write may reach a replica whose answer is then lost. Sent again elsewhere it
@@ -395,6 +420,7 @@ class Node:
             ):
                 continue  # that replica could not serve yet; another one may
             return Reply(resp.status, raw=resp.body)
+        self.stats.forward_gave_up += 1
         if sticky is not None:
             return error(
                 503, f"shard {shard}: replica {sticky.id} stopped answering after the write was "
@@ -498,6 +524,7 @@ class Node:
                     nursery.start_soon(self._hand_off, new)
             self.replica.install_view(new)
             self._installs += 1
+            self.stats.view_changes += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
         finally:
