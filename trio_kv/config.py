@@ -88,12 +88,13 @@ def _convert(field_type: object, raw: str) -> object:
     return raw
 
 
-def build_parser(prog: str = "trio-kv serve") -> argparse.ArgumentParser:
+def build_parser(prog: str = "trio-kv [serve]") -> argparse.ArgumentParser:
     """One flag per Config field, each with a sentence, its unit, default and variable."""
     from .config_help import describe
 
     parser = argparse.ArgumentParser(
         prog=prog, description="Run one trio-kv node (see README.md and docs/API.md).",
+        epilog="Client commands: trio-kv put|get|delete|ls|view|status --help.",
     )
     for f in fields(Config):
         flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
