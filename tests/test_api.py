@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from urllib.parse import quote
 
 import pytest
 import trio
@@ -191,3 +192,13 @@ async def test_waiting_requests_are_capped(autojump_clock):
                 cluster.network.heal()
             assert statuses == [200, 200, 200]
             assert cluster.nodes[2]._waiting == 0
+
+
+async def test_keys_with_control_characters_are_keys(autojump_clock):
+    async with open_cluster({"A": 1, "B": 1}) as cluster, cluster.client(1) as c:
+        for key in ("line\nbreak", "cr\r", "tab\tkey"):
+            path = "/data/" + quote(key, safe="")
+            r = await c.put(path, json={"value": "v"})
+            assert r.status_code == 200, (key, r.text)
+            r = await c.get(path)
+            assert r.status_code == 200 and r.json()["value"] == "v"

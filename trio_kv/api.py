@@ -9,6 +9,7 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 from starlette.applications import Starlette
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -30,6 +31,16 @@ log = logging.getLogger("trio_kv.api")
 METADATA_FIELD = "causal-metadata"
 METADATA_HEADER = "x-causal-metadata"
 _NO_BODY = object()
+
+
+class _KeyConvertor(PathConvertor):
+    """Starlette's ``path`` is ``.*``, which stops at a newline: a key holding ``%0A`` got
+    404 "no such endpoint".  ``_key_of`` reads the key from the raw path anyway."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("kvkey", _KeyConvertor())
 
 
 class ApiError(Exception):
@@ -208,7 +219,7 @@ def build_app(node: Node) -> Starlette:
     routes = [
         Route("/ping", ping, methods=["GET"]),
         Route("/data", data_all, methods=["GET"]),
-        Route("/data/{key:path}", data_key, methods=["GET", "PUT", "DELETE"]),
+        Route("/data/{key:kvkey}", data_key, methods=["GET", "PUT", "DELETE"]),
         Route("/view", view, methods=["GET", "PUT"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 _JSON = "application/json"
+_MAX_INT = 2**53 - 1  # far below any timestamp a node issues today: never "from the future"
 _REF = "#/components/schemas/"
 
 
@@ -38,7 +39,7 @@ _METADATA_HEADER = {
     "name": "X-Causal-Metadata", "in": "header", "required": False,
     "description": "The session's causal metadata as JSON text, for clients that send no "
     "body on GET/DELETE.",
-    "schema": {"type": "string"},
+    "content": {_JSON: {"schema": _ref("Metadata")}},
 }
 _REQUEST_ID = {
     "name": "X-Request-Id", "in": "header", "required": False,
@@ -48,8 +49,9 @@ _REQUEST_ID = {
 }
 _KEY = {
     "name": "key", "in": "path", "required": True,
-    "description": "One URL path segment, percent-decoded; at most 1024 bytes of UTF-8.",
-    "schema": {"type": "string", "minLength": 1},
+    "description": "One URL path segment, percent-decoded; at most 1024 bytes of UTF-8 "
+    "(max_key_bytes; 256 characters always fit).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 256},
 }
 _TOKEN_BODY = {
     "required": False,
@@ -157,8 +159,11 @@ SPEC: dict[str, Any] = {
             "description": "Opaque causal metadata: pass on what the last answer gave.",
             "properties": {"deps": {
                 "type": "object",
-                "additionalProperties": {"type": "array", "minItems": 2, "maxItems": 2,
-                                         "items": {"type": "integer", "minimum": 0}},
+                "additionalProperties": {
+                    "type": "array", "minItems": 2, "maxItems": 2,
+                    "description": "[timestamp, node id]; timestamps the store issued "
+                    "(never far ahead of its clocks).",
+                    "items": {"type": "integer", "minimum": 0, "maximum": _MAX_INT}},
             }},
             "additionalProperties": False,
         },
@@ -169,7 +174,9 @@ SPEC: dict[str, Any] = {
         },
         "PutBody": {
             "type": "object", "required": ["value"],
-            "properties": {"value": {"type": "string"},
+            "properties": {"value": {"type": "string", "maxLength": 262144,
+                                     "description": "At most max_value_bytes (1 MiB) of "
+                                     "UTF-8; 262,144 characters always fit."},
                            "causal-metadata": {"nullable": True,
                                                "allOf": [_ref("Metadata")]}},
         },
