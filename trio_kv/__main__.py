@@ -15,7 +15,7 @@ import trio
 from .cli import COMMANDS
 from .config import load_config
 from .logs import configure
-from .node import serve
+from .server import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
