@@ -4,6 +4,7 @@ match the document.  Two shards and a router, so forwarding is exercised too."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 
 from .test_processes import Procs, _free_ports
 
@@ -30,6 +31,22 @@ class QuickProcs(Procs):
             env=env, stdout=subprocess.DEVNULL,
             stderr=open(f"{self.logdir}/node{i + 1}.log", "ab"),  # noqa: SIM115
         )
+
+
+def _names_an_empty_key(case: Any) -> bool:
+    """OpenAPI 3.0 has no propertyNames, so the generator may put "" in a token's deps,
+    which the document's description (and the node) refuse."""
+    tokens = []
+    if isinstance(case.body, dict):
+        tokens.append(case.body.get("causal-metadata"))
+    header = (case.headers or {}).get("X-Causal-Metadata")
+    if isinstance(header, str):
+        try:
+            tokens.append(json.loads(header))
+        except ValueError:
+            return False
+    return any(isinstance(t, dict) and isinstance(t.get("deps"), dict) and "" in t["deps"]
+               for t in tokens)
 
 
 def unavailable_for_a_made_up_token(case: Any, response: Any) -> bool:
@@ -77,6 +94,8 @@ def test_generated_requests(live: Procs, mode: str) -> None:
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case: Any) -> None:
+            if mode == "positive":
+                assume(not _names_an_empty_key(case))
             for node in (0, 2):  # an owner or forwarder, and the router
                 response = case.call(base_url=live.url(node), timeout=20)
                 if response.status_code >= 400:

@@ -17,6 +17,14 @@ HELP: dict[str, str] = {
     "max_request_bytes": "Largest request body accepted, in bytes; larger gets 413.",
     "max_header_bytes": "Largest request head (request line and headers), in bytes; larger "
     "gets 431.",
+    "max_token_deps": "Most dependencies one causal-metadata token may hold, in or out (a "
+    "count); more gets 400.",
+    "max_token_bytes": "Largest causal-metadata token, in bytes of encoded JSON, in or out; "
+    "larger gets 400.",
+    "max_clock_skew": "How far a timestamp may run ahead of this node's wall clock, in "
+    "seconds; further gets 400 (from a client) or is refused (from a peer).",
+    "max_peer_message_bytes": "Largest /internal/ request or peer answer, in bytes.",
+    "max_view_nodes": "Most nodes (and shards) one view may name (a count).",
     "wait_deadline": "Longest a request waits for causal dependencies, a view change or "
     "forwarding retries, in seconds; then 503.",
     "max_waiting": "Most requests parked in waits at once (a count); more get 503.",
@@ -38,12 +46,18 @@ HELP: dict[str, str] = {
     "vnodes": "Virtual nodes per shard on the hash ring (a count); every node must agree.",
     "view_change_deadline": "Longest a view change waits for handoffs and pulls before it "
     "serves the new view, in seconds.",
+    "put_view_timeout": "Longest a PUT /view waits for the change before answering 503, in "
+    "seconds.",
+    "handoff_batch_bytes": "Most bytes of entries in one handoff batch or pull page, encoded, "
+    "in bytes.",
     "handoff_batch_entries": "Most entries in one handoff or pull page (a count).",
     "handoff_retry_interval": "Longest pause between retries of unfinished handoffs and pulls, "
     "in seconds.",
     "fence_probe_interval": "While fenced, how often to ask the fencing shard which view it "
     "serves, in seconds.",
     "keep_alive_timeout": "How long an idle client connection is kept open, in seconds.",
+    "read_timeout": "Longest a client may take to send a request body, in seconds; then the "
+    "connection is dropped.",
     "shutdown_grace": "How long in-flight requests may finish after SIGTERM, in seconds.",
     "log_level": "Least severity logged: debug, info, warning or error.",
     "log_format": "Log lines as json (one object per line), text, or auto (text on a "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import orjson
@@ -22,7 +22,6 @@ from .metadata import Deps, MetadataError, merge_deps, parse_metadata, render_me
 
 if TYPE_CHECKING:
     from .node import Node, Reply
-    from .replica import Replica
 
 
 class PageError(ValueError):
@@ -57,11 +56,15 @@ def parse_page(params: Mapping[str, str], max_items: int, max_key_bytes: int) ->
     return Page(after, limit)
 
 
-def page_of(replica: Replica, deps: Deps, page: Page) -> dict[str, Any]:
-    """One page of this replica's shard: live keys after the cursor, in key order.
+def page_of(node: Node, deps: Deps, page: Page) -> Reply | None:
+    """One page of this replica's shard: live keys after the cursor, in key order; None when
+    its token would be over the limits (the node waits for stability, as for a listing).
 
     The token covers what the page returned (its versions and their causal pasts), like the
     whole listing's does."""
+    from .node import Reply
+
+    replica = node.replica
     entries = replica.store.entries
     live = (k for k, e in entries.items()
             if e.value is not None and k > page.after and replica.owns(k))
@@ -78,8 +81,10 @@ def page_of(replica: Replica, deps: Deps, page: Page) -> dict[str, Any]:
             pasts.append(entry.deps)
         items[key] = entry.value or ""
     out = replica.prune(merge_deps(*pasts, current))
-    return {"items": items, "causal-metadata": render_metadata(out),
-            "next": keys[-1] if more else None}
+    if not node.token_rules.fits(out):
+        return None
+    return Reply(200, {"items": items, "causal-metadata": render_metadata(out),
+                       "next": keys[-1] if more else None})
 
 
 async def gather(
@@ -92,6 +97,8 @@ async def gather(
     are the page, and there is a next page if any shard had more or the union was cut."""
     from .node import Reply, error
 
+    if hops >= node.config.max_hops:
+        return error(503, "request forwarded too many times; views disagree", deps)
     view = node.replica.view
     assert view is not None
     answers: dict[str, Reply] = {}

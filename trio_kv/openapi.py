@@ -159,6 +159,9 @@ SPEC: dict[str, Any] = {
             "description": "Opaque causal metadata: pass on what the last answer gave.",
             "properties": {"deps": {
                 "type": "object",
+                "maxProperties": 256,
+                "description": "Keys as in a URL: non-empty, at most max_key_bytes.",
+                "propertyNames": {"minLength": 1, "maxLength": 256},
                 "additionalProperties": {
                     "type": "array", "minItems": 2, "maxItems": 2,
                     "description": "[timestamp, node id]; timestamps the store issued "

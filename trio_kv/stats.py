@@ -51,4 +51,19 @@ class NodeStats:
     sync_entries_received: int = 0
     forward_gave_up: int = 0  # forwarded requests answered 503 because no replica answered
     view_changes: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
+
+    def waited(self, seconds: float, met: bool) -> bool:
+        """Count one causal wait; returns ``met``."""
+        self.causal_waits += 1
+        self.causal_wait_seconds.observe(seconds)
+        self.causal_wait_timeouts += not met
+        return met
+
+    def synced(self, direction: str, entries: int) -> None:
+        """Count one replication batch sent (acknowledged) or received."""
+        if direction == "sent":
+            self.sync_sent += 1
+            self.sync_entries_sent += entries
+        else:
+            self.sync_received += 1
+            self.sync_entries_received += entries

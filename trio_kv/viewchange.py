@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,18 +17,19 @@ import trio
 from .config import Config
 from .handoff import Pull
 from .messages import (
+    Handoff,
+    PeerViewStatus,
+    PullPage,
+    PullRequest,
+    Whoami,
     WireError,
-    entries_from_wire,
-    entries_to_wire,
-    report_from_wire,
-    report_to_wire,
-    scope_from_wire,
-    scope_to_wire,
+    WireRules,
 )
 from .replica import Replica
 from .stats import NodeStats
+from .store import Entry
 from .transport import PeerClient, PeerUnavailable
-from .view import Member, View, ViewError, parse_view
+from .view import Member, View
 
 log = logging.getLogger("trio_kv.node")
 
@@ -52,6 +54,7 @@ class ChangeProgress:
 class _ViewRequest:
     view: View
     done: trio.Event = field(default_factory=trio.Event)
+    failure: str = ""  # the change failed (a bug, logged): the operator should send it again
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -74,16 +77,30 @@ class ViewChanges:
     _view_requested: trio.Event
     _view_send: trio.MemorySendChannel[_ViewRequest]
     _view_recv: trio.MemoryReceiveChannel[_ViewRequest]
+    task_failures: int
 
     def _notify(self) -> None:
         raise NotImplementedError
 
-    async def put_view(self, view: View) -> None:
-        """Hand the view to the coordinator (which outlives this request) and await it."""
+    def wire_rules(self) -> WireRules:
+        raise NotImplementedError
+
+    async def _supervise(self, name: str, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        raise NotImplementedError
+
+    async def put_view(self, view: View) -> str | None:
+        """Hand the view to the coordinator (which outlives this request) and await it, for
+        ``put_view_timeout`` at most.  None once served; else why not (yet)."""
         request = _ViewRequest(view)
         self._view_requested.set()
-        await self._view_send.send(request)
-        await request.done.wait()
+        with trio.move_on_after(self.config.put_view_timeout):
+            await self._view_send.send(request)
+            await request.done.wait()
+            return request.failure or None
+        return (
+            f"the view change is still in progress after {self.config.put_view_timeout:g}s "
+            "(put_view_timeout); it goes on, and GET /view shows its progress"
+        )
 
     def view_status(self) -> dict[str, Any]:
         view = self.replica.view
@@ -122,9 +139,16 @@ class ViewChanges:
                 request = await self._view_recv.receive()
             self._view_requested = trio.Event()
             current = self.replica.view
-            if current is None or current.view_id != request.view.view_id:
-                await self._change_view(request.view)
-            request.done.set()
+            try:
+                if current is None or current.view_id != request.view.view_id:
+                    await self._change_view(request.view)
+            except Exception:
+                log.exception("node %s: view change to %s failed", self.node_id,
+                              request.view.view_id)
+                self.task_failures += 1
+                request.failure = "the view change failed on this node (see its log); send it again"
+            finally:
+                request.done.set()
 
     async def _retry_pending(self) -> None:
         """Unfinished pulls and unacknowledged handoffs, again, for a while; a view request
@@ -179,20 +203,22 @@ class ViewChanges:
             members = {f.view.member(m) for f in self.replica.custody.fences for m in waiting}
             for member in members - {None}:
                 assert member is not None
-                try:
-                    resp = await self.sync_client.request(
-                        member.address, "GET", "/view", timeout=cfg.connect_timeout
-                    )
-                    status = resp.json() if resp.status == 200 else {}
-                    view_id = status.get("view_id")
-                    change = status.get("change") or {}
-                    if change.get("state") == "changing":
-                        # still on its old view, moving to another: it serves neither yet
-                        view_id = None
-                except (PeerUnavailable, ValueError, AttributeError):
-                    continue
-                if isinstance(view_id, str):
-                    self.replica.peer_serves(member.id, view_id)
+                status = await self._view_of(member)
+                if status is not None and status.view is not None and not status.changing:
+                    self.replica.peer_serves(member.id, status.view.view_id)
+
+    async def _view_of(self, member: Member) -> PeerViewStatus | None:
+        """The view ``member`` says it serves (None: no answer, or not one we understand)."""
+        try:
+            resp = await self.sync_client.request(
+                member.address, "GET", "/view", timeout=self.config.connect_timeout
+            )
+            if resp.status != 200:
+                return None
+            return PeerViewStatus.from_wire(resp.json(), self.wire_rules())
+        except (PeerUnavailable, ValueError) as exc:  # WireError and JSON errors included
+            log.debug("node %s: view of %s unknown: %s", self.node_id, member.id, exc)
+            return None
 
     def _backoff(self, failures: int) -> float:
         """Exponential, jittered, capped: retries keep trying without flooding a sick peer."""
@@ -214,20 +240,12 @@ class ViewChanges:
         silent: set[int] = set()
 
         async def ask(member: Member) -> None:
-            try:
-                resp = await self.sync_client.request(
-                    member.address, "GET", "/view", timeout=cfg.connect_timeout
-                )
-                status = resp.json() if resp.status == 200 else None
-                if not isinstance(status, dict):
-                    return
-                silent.discard(member.id)
-                if status.get("view"):
-                    view = parse_view({"view": status["view"]}, cfg.vnodes)
-                    if view.view_id != new.view_id:
-                        found.append((int(status.get("epoch", 0)), view))
-            except (PeerUnavailable, ValueError, AttributeError, TypeError):
-                pass
+            status = await self._view_of(member)
+            if status is None:
+                return
+            silent.discard(member.id)
+            if status.view is not None and status.view.view_id != new.view_id:
+                found.append((status.epoch, status.view))
 
         others = [m for m in new.members() if m.id != self.node_id]
         silent.update(m.id for m in others)
@@ -264,7 +282,8 @@ class ViewChanges:
 
     def _start_pulls(self, nursery: trio.Nursery, pulls: list[Pull], view: View) -> None:
         for pull in pulls:
-            nursery.start_soon(self._pull, pull, view, nursery)
+            name = f"pull from {pull.member.id}"
+            nursery.start_soon(self._supervise, name, self._pull, pull, view, nursery)
         self.progress.pulls_pending = self.replica.custody.pending_members()
 
     async def _pull(self, pull: Pull, view: View, nursery: trio.Nursery) -> None:
@@ -278,72 +297,64 @@ class ViewChanges:
         source, debt = pull.member, pull.debt
         cursor = ""
         failures = 0
-        within = [scope_to_wire(s) for s in debt.within]
+        max_bytes = cfg.handoff_batch_bytes  # halved while the source's answers are too large
         if pull.round > 1:  # owed again: its sources were still settling; give them a moment
             await trio.sleep(self._backoff(pull.round - 1))
         while self.replica.custody.pulls.get((source.id, debt.ident)) is pull:
-            payload = {"view": view.to_json(), "within": within, "after": cursor,
-                       "limit": cfg.handoff_batch_entries, "from": self.node_id,
-                       "epoch": self.replica.epoch_for(view)}
+            request = PullRequest(
+                view, debt.within, cursor, cfg.handoff_batch_entries,
+                Whoami(self.node_id, self.replica.epoch_for(view), view.view_id), max_bytes,
+            )
             try:
                 raw = await self.sync_client.post_json(
-                    source.address, "/internal/pull", payload, cfg.peer_timeout
+                    source.address, "/internal/pull", request.to_wire(), cfg.peer_timeout
                 )
-                if stale := raw.get("stale"):
-                    self._observe_epoch(source.id, stale.get("epoch"), stale.get("view_id"))
-                    raise WireError(f"it serves a newer view ({stale})")
-                entries = entries_from_wire(raw["entries"])
-                nxt = raw["next"]
-                report = None if nxt else report_from_wire(raw["report"], cfg.vnodes)
-                self._observe_epoch(source.id, raw.get("epoch"), raw.get("view_id"))
-            except (PeerUnavailable, WireError, KeyError, TypeError) as exc:
+                page = PullPage.from_wire(raw, self.wire_rules())
+                self._observe_epoch(source.id, page.sender.epoch, page.sender.view_id)
+                if page.stale:
+                    raise WireError(f"it serves a newer view ({page.sender})")
+            except (PeerUnavailable, WireError) as exc:
                 log.info("pull from %s failed, retrying: %s", source.id, exc)
+                if isinstance(exc, PeerUnavailable) and "larger than" in str(exc):
+                    max_bytes = max(1, max_bytes // 2)
                 failures += 1
                 await trio.sleep(self._backoff(failures))
                 continue
             failures = 0
-            self.replica.merge(entries)
-            self.progress.keys_received += len(entries)
-            self.progress.bytes_received += sum(e.size for _, e in entries)
+            self.replica.merge(page.entries)
+            self.progress.keys_received += len(page.entries)
+            self.progress.bytes_received += sum(e.size for _, e in page.entries)
             self._notify()
-            if report is not None:
-                self._start_pulls(nursery, self.replica.pulled(pull, report), view)
+            if page.report is not None:
+                self._start_pulls(nursery, self.replica.pulled(pull, page.report), view)
                 self._notify()
                 return
-            cursor = str(nxt)
+            assert page.next is not None
+            cursor = page.next
 
     def on_pull(self, raw: Any) -> dict[str, Any]:
-        vnodes = self.config.vnodes
-        try:
-            view = parse_view({"view": raw["view"]}, vnodes)
-            within = [scope_from_wire(s, vnodes) for s in raw["within"]]
-            after = str(raw["after"])
-            limit = max(1, min(int(raw["limit"]), self.config.handoff_batch_entries))
-        except (KeyError, TypeError, ValueError, ViewError) as exc:
-            raise WireError(f"malformed pull: {exc}") from exc
-        if not within:
-            raise WireError("malformed pull: no scope to pull")
-        epoch = raw.get("epoch")
-        if isinstance(epoch, int) and self.replica.stale_puller(view.view_id, epoch):
-            return {"stale": self._whoami()}
-        self._observe_epoch(raw.get("from"), epoch, view.view_id)
-        self.replica.fence(view, within)
-        entries, nxt = self.replica.pull_page(within, after, limit)
-        body: dict[str, Any] = {"entries": entries_to_wire(entries), "next": nxt, **self._whoami()}
-        if nxt is None:
-            body["report"] = report_to_wire(self.replica.custody.report())
-        return body
+        request = PullRequest.from_wire(raw, self.wire_rules())
+        view, sender = request.view, request.sender
+        refusal = self.replica.pull_refusal(sender.node, view, request.within)
+        if refusal is not None:
+            raise WireError(f"pull refused: {refusal}")
+        if self.replica.stale_puller(view.view_id, sender.epoch):
+            return PullPage(self._whoami(), [], None, None, stale=True).to_wire()
+        self._observe_epoch(sender.node, sender.epoch, view.view_id)
+        self.replica.fence(view, list(request.within))
+        entries, nxt = self.replica.pull_page(
+            request.within, request.after, request.limit, request.max_bytes
+        )
+        report = self.replica.custody.report() if nxt is None else None
+        return PullPage(self._whoami(), entries, nxt, report).to_wire()
 
-    def _whoami(self) -> dict[str, Any]:
+    def _whoami(self) -> Whoami:
         """Who sends a view-change message, and on which view and epoch."""
         view = self.replica.view
-        return {"from": self.node_id, "epoch": self.replica.epoch,
-                "view_id": view.view_id if view else ""}
+        return Whoami(self.node_id, self.replica.epoch, view.view_id if view else "")
 
-    def _observe_epoch(self, peer: Any, epoch: Any, view_id: Any) -> None:
-        """Note a peer's view epoch (``None`` values: an older peer that does not send it)."""
-        if not (isinstance(peer, int) and isinstance(epoch, int) and isinstance(view_id, str)):
-            return
+    def _observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:
+        """Note a peer's view epoch."""
         before = self.replica.newer_view
         self.replica.observe_epoch(peer, epoch, view_id)
         newer = self.replica.newer_view
@@ -355,15 +366,13 @@ class ViewChanges:
             )
 
     def on_handoff(self, raw: Any) -> dict[str, Any]:
-        try:
-            entries = entries_from_wire(raw["entries"])
-        except (KeyError, TypeError) as exc:
-            raise WireError("malformed handoff") from exc
-        self._observe_epoch(raw.get("from"), raw.get("epoch"), raw.get("view_id"))
-        if self.replica.merge(entries):
+        handoff = Handoff.from_wire(raw, self.wire_rules())
+        sender = handoff.sender
+        self._observe_epoch(sender.node, sender.epoch, sender.view_id)
+        if self.replica.merge(handoff.entries):
             self._notify()
-        self.progress.keys_received += len(entries)
-        return {"ok": True, "received": len(entries)}
+        self.progress.keys_received += len(handoff.entries)
+        return {"ok": True, "received": len(handoff.entries)}
 
     async def _hand_off(self, view: View) -> None:
         """Send every key we hold but do not own under ``view`` to all replicas of its new
@@ -371,39 +380,58 @@ class ViewChanges:
         foreign = self.replica.foreign_keys(view)
         async with trio.open_nursery() as nursery:
             for shard, keys in foreign.items():
-                nursery.start_soon(self._hand_off_shard, view, shard, keys)
+                nursery.start_soon(
+                    self._supervise, f"handoff to shard {shard}", self._hand_off_shard, view,
+                    shard, keys,
+                )
 
     async def _hand_off_shard(self, view: View, shard: str, keys: list[str]) -> None:
-        cfg = self.config
-        receivers = view.shards[shard]
-        size = cfg.handoff_batch_entries
-        for i in range(0, len(keys), size):
-            entries = self.replica.entries_for(keys[i : i + size])
-            payload = {"entries": entries_to_wire(entries), **self._whoami()}
-            acked: set[int] = set()
-            failures = 0
-            while len(acked) < len(receivers):
-                for member in receivers:
-                    if member.id in acked:
-                        continue
-                    try:
-                        await self.sync_client.post_json(
-                            member.address, "/internal/handoff", payload, cfg.peer_timeout
-                        )
-                    except PeerUnavailable as exc:
-                        log.info("handoff to %s failed, retrying: %s", member.id, exc)
-                        if member.id not in self.progress.peers_pending:
-                            self.progress.peers_pending.append(member.id)
-                        continue
-                    acked.add(member.id)
-                    if member.id in self.progress.peers_pending:
-                        self.progress.peers_pending.remove(member.id)
-                    self.progress.keys_sent += len(entries)
-                    self.progress.bytes_sent += sum(e.size for _, e in entries)
-                if len(acked) < len(receivers):
-                    failures += 1
-                    await trio.sleep(self._backoff(failures))
-            # Every receiver holds these versions; a key changed here since stays for the next
-            # round of handoff.
-            self.replica.drop_if_unchanged(entries, view)
+        """Batches bounded in entries and encoded bytes; a batch a receiver refuses as too
+        large is split in two, never sent again unchanged."""
+        for batch in self.replica.handoff_batches(keys):
+            todo = [batch]
+            while todo:
+                entries = todo.pop()
+                if await self._hand_off_batch(view.shards[shard], entries):
+                    half = len(entries) // 2
+                    todo += [entries[half:], entries[:half]]
+                    continue
+                # Every receiver holds these versions; a key changed here since stays for the
+                # next round of handoff.
+                self.replica.drop_if_unchanged(entries, view)
 
+    async def _hand_off_batch(
+        self, receivers: tuple[Member, ...], entries: list[tuple[str, Entry]]
+    ) -> bool:
+        """Until every receiver acknowledged ``entries``; True (unsent) to have them split."""
+        cfg = self.config
+        payload = Handoff(self._whoami(), entries).to_wire()
+        acked: set[int] = set()
+        failures = 0
+        while len(acked) < len(receivers):
+            for member in receivers:
+                if member.id in acked:
+                    continue
+                try:
+                    await self.sync_client.post_json(
+                        member.address, "/internal/handoff", payload, cfg.peer_timeout
+                    )
+                except PeerUnavailable as exc:
+                    if exc.status == 413 and len(entries) > 1:
+                        return True
+                    log.log(
+                        logging.ERROR if exc.status == 413 else logging.INFO,
+                        "handoff to %s failed, retrying: %s", member.id, exc,
+                    )
+                    if member.id not in self.progress.peers_pending:
+                        self.progress.peers_pending.append(member.id)
+                    continue
+                acked.add(member.id)
+                if member.id in self.progress.peers_pending:
+                    self.progress.peers_pending.remove(member.id)
+                self.progress.keys_sent += len(entries)
+                self.progress.bytes_sent += sum(e.size for _, e in entries)
+            if len(acked) < len(receivers):
+                failures += 1
+                await trio.sleep(self._backoff(failures))
+        return False
