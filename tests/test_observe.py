@@ -138,3 +138,33 @@ def test_boolean_settings(raw: str, expected: bool) -> None:
     from trio_kv.config import load_config
 
     assert load_config(["--id", "1", "--access-log", raw], {}).access_log is expected
+
+
+def test_log_lines_name_node_and_request() -> None:
+    import io
+    import json
+
+    from trio_kv.logs import configure
+    from trio_kv.observe import REQUEST_ID
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        for fmt in ("json", "text", "auto"):  # auto on a non-terminal is JSON
+            out = io.StringIO()
+            configure(dataclasses.replace(Config(), node_id=4, log_format=fmt), out)
+            token = REQUEST_ID.set("req-9")
+            try:
+                logging.getLogger("trio_kv.test").warning("hello %s", "there", extra={"k": 1})
+            finally:
+                REQUEST_ID.reset(token)
+            line = out.getvalue().strip()
+            if fmt == "text":
+                assert "node4 trio_kv.test WARNING hello there [req req-9]" in line
+            else:
+                record = json.loads(line)
+                assert record["msg"] == "hello there" and record["node"] == 4
+                assert record["request_id"] == "req-9" and record["k"] == 1
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

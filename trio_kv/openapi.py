@@ -27,6 +27,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "The request is malformed (body, key, token, query or header); nothing changed.",
         401: "The cluster secret is missing or wrong.",
         404: "The key does not exist (the token is returned unchanged).",
+        408: "The body arrived slower than the node's read_timeout.",
         413: "The body or the value is larger than the node accepts.",
         431: "The request's headers are larger than the node accepts.",
         503: "Not available yet: no view, a view change, causal dependencies not arrived in "
@@ -90,7 +91,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": {"required": True,
                                 "content": {_JSON: {"schema": _ref("PutBody")}}},
                 "responses": {"200": _answer("Written.", "Token"),
-                              **_errors(400, 413, 431, 503)},
+                              **_errors(400, 408, 413, 431, 503)},
             },
             "delete": {
                 "summary": "Delete a key (a tombstone that replicates like a write).",
@@ -137,7 +138,7 @@ SPEC: dict[str, Any] = {
                 "requestBody": {"required": True,
                                 "content": {_JSON: {"schema": _ref("ViewBody")}}},
                 "responses": {"200": _answer("Applied.", "ViewStatus"),
-                              **_errors(400, 401, 413, 431, 503)},
+                              **_errors(400, 401, 408, 413, 431, 503)},
             },
         },
         "/metrics": {"get": {
