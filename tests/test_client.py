@@ -143,3 +143,15 @@ def test_node_addresses_are_validated() -> None:
     for bad in ("", "a", "a:0", "a:99999", "a:1/x", "a b:1"):
         with pytest.raises(ValueError):
             parse_nodes(bad)
+
+
+async def test_items_through_a_routing_node_alone(autojump_clock):
+    async with open_cluster({"A": 1, "B": 1}, spare=1) as cluster:
+        await cluster.put_view(to=[1, 2, 3])
+        async with client(cluster, 3) as kv:  # node 3 routes; the client knows only it
+            expected = {f"r{i}": str(i) for i in range(9)}
+            for k, v in expected.items():
+                await kv.put(k, v)
+            cluster.network.cut("client", cluster.addresses[1])  # members unreachable
+            cluster.network.cut("client", cluster.addresses[2])
+            assert await kv.items(page_size=2) == expected

@@ -89,9 +89,13 @@ class _Base:
                 "write may or may not have been applied") from exc
         return Unavailable(f"{node}: no answer ({type(exc).__name__})")
 
-    @staticmethod
-    def _shard_nodes(status: dict[str, Any], known: list[str]) -> list[list[str]]:
-        """Per shard of a view, its members' addresses, those the client was given first."""
+    def _shard_nodes(self, status: dict[str, Any]) -> list[list[str]]:
+        """Per shard of a view, its members' addresses, those the client was given first; or,
+        when the node that answered routes (no shard), that node alone: it merges every
+        shard's pages itself, and the members may not be reachable from here."""
+        known = self._core.nodes
+        if status.get("shard") is None:
+            return [[known[self._core.current]]]
         out = []
         for members in (status.get("view") or {}).values():
             addresses = [m["address"] for m in members]
@@ -193,7 +197,7 @@ class Client(_Base):
         if not status.get("view"):
             raise Unavailable("the cluster has no view yet")
         out: dict[str, str] = {}
-        for members in self._shard_nodes(status, self._core.nodes):
+        for members in self._shard_nodes(status):
             after: str | None = ""
             while after is not None:
                 body = self._call(Call("GET", "/data", query={"limit": page_size,
@@ -283,7 +287,7 @@ class AsyncClient(_Base):
         if not status.get("view"):
             raise Unavailable("the cluster has no view yet")
         out: dict[str, str] = {}
-        for members in self._shard_nodes(status, self._core.nodes):
+        for members in self._shard_nodes(status):
             after: str | None = ""
             while after is not None:
                 body = await self._call(Call("GET", "/data", query={"limit": page_size,

@@ -120,8 +120,8 @@ class ObserveMiddleware:
             seconds = time.perf_counter() - started
             self.stats.record(route, method, status, seconds)
             if self.access:
-                access_log.info(
-                    "%s %s %d %.4fs", scope["method"], scope["path"], status, seconds,
+                access_log.info(  # the path escaped: a key may hold a newline
+                    "%s %s %d %.4fs", scope["method"], repr(scope["path"])[1:-1], status, seconds,
                     extra={"request_id": request_id, "method": scope["method"],
                            "path": scope["path"], "status": status,
                            "seconds": round(seconds, 6)},
