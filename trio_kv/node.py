@@ -261,7 +261,7 @@ class Node(ViewChanges):
     def _after_refusal(self, exc: Exception, max_bytes: int, entries: int, peer: int) -> int:
         """Log a failed peer call; the batch bytes to use next (halved after a 413, so a
         refused batch is never sent again unchanged)."""
-        if isinstance(exc, PeerUnavailable) and exc.status == 413:
+        if isinstance(exc, PeerUnavailable) and exc.too_large:
             if entries <= 1:
                 log.error("node %s: peer %s refuses one entry as too large: its "
                           "max_peer_message_bytes is below ours", self.node_id, peer)

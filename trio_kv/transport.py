@@ -77,7 +77,12 @@ class PeerUnavailable(Exception):
     ) -> None:
         super().__init__(f"{address}: {reason}")
         self.not_sent = not_sent
-        self.status = status  # the peer answered, with this unexpected status
+        # The peer answered, with this unexpected status; 413 (ours or theirs) means "smaller".
+        self.status = status
+
+    @property
+    def too_large(self) -> bool:
+        return self.status == 413
 
 
 class PeerClient:
@@ -189,7 +194,7 @@ class PeerClient:
                 size += len(chunk)
                 if size > self._max_answer:
                     raise PeerUnavailable(address, f"answer larger than {self._max_answer} "
-                                          "bytes (max_peer_message_bytes)")
+                                          "bytes (max_peer_message_bytes)", status=413)
                 chunks.append(chunk)
         finally:
             await resp.aclose()

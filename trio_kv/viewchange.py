@@ -315,7 +315,7 @@ class ViewChanges:
                     raise WireError(f"it serves a newer view ({page.sender})")
             except (PeerUnavailable, WireError) as exc:
                 log.info("pull from %s failed, retrying: %s", source.id, exc)
-                if isinstance(exc, PeerUnavailable) and "larger than" in str(exc):
+                if isinstance(exc, PeerUnavailable) and exc.too_large:
                     max_bytes = max(1, max_bytes // 2)
                 failures += 1
                 await trio.sleep(self._backoff(failures))
@@ -417,10 +417,10 @@ class ViewChanges:
                         member.address, "/internal/handoff", payload, cfg.peer_timeout
                     )
                 except PeerUnavailable as exc:
-                    if exc.status == 413 and len(entries) > 1:
+                    if exc.too_large and len(entries) > 1:
                         return True
                     log.log(
-                        logging.ERROR if exc.status == 413 else logging.INFO,
+                        logging.ERROR if exc.too_large else logging.INFO,
                         "handoff to %s failed, retrying: %s", member.id, exc,
                     )
                     if member.id not in self.progress.peers_pending:
