@@ -40,7 +40,7 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
+            "level": record.levelname,  # as Python names it: INFO, WARNING, ...
             "logger": record.name,
             "node": getattr(record, "node", None),
             "msg": record.getMessage(),
