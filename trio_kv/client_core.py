@@ -61,13 +61,8 @@ class Call:
     value: str | None = None
     query: dict[str, Any] | None = None
     body: Any = None  # a full JSON body (PUT /view)
-    secret: str | None = None
     write: bool = False  # retried elsewhere only when surely not applied
     sessionless: bool = False  # status calls carry no token
-
-    @property
-    def url_path(self) -> str:
-        return self.path
 
 
 def key_path(key: str) -> str:
@@ -110,9 +105,8 @@ class Core:
             headers[METADATA_HEADER] = orjson.dumps(token).decode()
         if content is not None:
             headers["content-type"] = "application/json"
-        secret = call.secret or self.secret
-        if secret and (call.path == "/view" and call.method == "PUT"):
-            headers[SECRET_HEADER] = secret
+        if self.secret and call.path == "/view" and call.method == "PUT":
+            headers[SECRET_HEADER] = self.secret  # only views need it, and only if asked
         url = f"http://{node}{call.path}"
         return call.method, url, headers, content
 
