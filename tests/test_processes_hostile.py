@@ -186,8 +186,10 @@ def _forged_handoff(nodes: Nodes, sender: int | None) -> dict[str, Any]:
 def test_forged_handoff_injects_nothing(secret: bool) -> None:
     env = {"KV_CLUSTER_SECRET": SECRET} if secret else {}
     with cluster(3, {"A": [0, 1, 2]}, env) as nodes, httpx.Client(timeout=30) as c:
-        # with the secret: refused even from a member; bare: refused from a stranger
-        senders: list[int | None] = [1, 2, 99, None] if secret else [99, None, -1]
+        # with the secret: refused even from a member; bare: a malformed sender is refused
+        # (a well-formed one is not: a fresh node that replaces a whole cluster knows none of
+        # the old owners that hand it their keys; only the secret tells peers from strangers)
+        senders: list[int | None] = [1, 2, 99, None] if secret else [None, -1]
         for sender in senders:
             r = c.post(nodes.url(0) + "/internal/handoff", json=_forged_handoff(nodes, sender))
             assert_json_error(r, *((401,) if secret else (400, 403, 409)))
