@@ -28,9 +28,11 @@ from .core.forwarding import (
     key_path_segment,
 )
 from .core.viewchange import ChangeProgress
+from .listing import Page
 from .messages import WireRules
 from .metadata import Deps, TokenRules
 from .replica import Replica
+from .stats import NodeStats
 from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
 from .view import View
 
@@ -96,6 +98,18 @@ class Node:
     def task_failures(self) -> int:
         """Background work that failed (logged; it was retried and the node went on)."""
         return self._failures + self.core.k.failures
+
+    @property
+    def stats(self) -> NodeStats:
+        return self.core.stats
+
+    @property
+    def sync_client(self) -> PeerClient:
+        return self._clients["peer"]
+
+    @property
+    def forward_client(self) -> PeerClient:
+        return self._clients["forward"]
 
     @property
     def replica(self) -> Replica:
@@ -241,9 +255,12 @@ class Node:
         budget: float | None = None,
         write_id: str | None = None,
         retry: bool = False,
+        page: Page | None = None,
+        request_id: str | None = None,
     ) -> Reply:
-        """Serve or forward one client data request (``key`` None means ``GET /data``)."""
-        req = Request(method, key, deps, value, hops, budget, write_id, retry)
+        """Serve or forward one client data request (``key`` None means ``GET /data``,
+        all of it, or one ``page`` of it)."""
+        req = Request(method, key, deps, value, hops, budget, write_id, retry, page, request_id)
         return await self._ask(lambda rid: self.core.request(rid, req, *self._now()))
 
     async def put_view(self, view: View) -> str | None:

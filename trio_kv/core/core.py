@@ -21,6 +21,7 @@ from ..config import Config
 from ..messages import WireRules
 from ..metadata import TokenRules
 from ..replica import Replica, ReplicaLimits
+from ..stats import NodeStats
 from ..view import View
 from .events import Outcome, Output, Persist, Request
 from .kernel import Kernel
@@ -47,6 +48,7 @@ class Core:
                 config.handoff_batch_bytes, self.token_rules,
             ),
         )
+        self.stats = NodeStats()  # counters /metrics reads
         self.installs = 0  # views installed so far
         self.born: float | None = None  # time of the first input: this incarnation began
         self._changed = False  # data changed since the waiters last looked

@@ -8,9 +8,12 @@ or the simulator (``sim/``) carries out, in this order: persist, then send, then
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..metadata import Deps
+
+if TYPE_CHECKING:
+    from ..listing import Page
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,8 @@ class Request:
     budget: float | None = None  # seconds the forwarding node lets us wait
     write_id: str | None = None  # a forwarded write: a retry gets the same answer
     retry: bool = False  # sent again after an attempt whose outcome the sender cannot know
+    page: Page | None = None  # GET /data?limit=&after=: one page of the listing
+    request_id: str | None = None  # follows the request through forwards (X-Request-Id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -29,6 +30,7 @@ HOPS_HEADER = "x-kv-hops"
 BUDGET_HEADER = "x-kv-budget"
 WRITE_ID_HEADER = "x-kv-write-id"
 RETRY_HEADER = "x-kv-retry"
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def key_path_segment(key: str) -> str:
@@ -51,6 +53,7 @@ class Forward:
     content: bytes
     path: str
     headers: dict[str, str]
+    done: Callable[[Reply], None] = field(default=lambda reply: None)
     sticky: Member | None = None
     attempt: int = 0
     cid: int | None = None
@@ -62,39 +65,54 @@ class Forwarding:
         self.core = core
         self.requests = requests
         self.failed: dict[int, float] = {}  # member id -> when a forward to it failed
-        self.active: dict[int, Forward] = {}  # by request id
+        self.active: dict[int, list[Forward]] = {}  # by request id
         self._write_ids = 0
 
-    def start(self, p: Pending) -> None:
+    def start(
+        self, p: Pending, shard: str | None = None, query: str = "",
+        done: Callable[[Reply], None] | None = None,
+    ) -> None:
+        """Forward ``p`` to its key's shard (or, for ``GET /data``, to ``shard`` with
+        ``query``); its answer goes to ``done`` (by default: it answers ``p``)."""
         core, req = self.core, p.req
-        assert req.key is not None and core.replica.view is not None
-        view = core.replica.fence_for(req.key) or core.replica.view  # fenced: newer owners
-        shard = view.shard_for(req.key)
+        assert core.replica.view is not None
+        finish = done or (lambda reply: self.requests.finish(p, reply))
+        view = core.replica.view
+        if req.key is not None:
+            view = core.replica.fence_for(req.key) or view  # fenced: newer owners
+            shard = view.shard_for(req.key)
+        assert shard is not None
         replicas = self._order([m for m in view.shards[shard] if m.id != core.node_id])
         if not replicas:
-            self.requests.finish(
-                p, _error(503, f"shard {shard} has no other replica to forward to", p)
-            )
-            return
+            return finish(_error(503, f"shard {shard} has no other replica to forward to", p))
         body: dict[str, Any] = {"causal-metadata": render_metadata(req.deps)}
         if req.value is not None:
             body["value"] = req.value
         headers = {HOPS_HEADER: str(req.hops + 1)}
+        if req.request_id is not None:
+            headers[REQUEST_ID_HEADER] = req.request_id
         if req.method != "GET":
             self._write_ids += 1
             headers[WRITE_ID_HEADER] = f"{core.replica.origin}.{self._write_ids}"
-        f = Forward(p, shard, replicas, dumps(body), "/data/" + key_path_segment(req.key),
-                    headers)
+        path = "/data/" + key_path_segment(req.key) if req.key is not None else "/data" + query
+        f = Forward(p, shard, replicas, dumps(body), path, headers, finish)
         p.forwarding = True
-        self.active[p.rid] = f
+        self.active.setdefault(p.rid, []).append(f)
         self._next(f)
 
     def abandon(self, p: Pending) -> None:
-        f = self.active.pop(p.rid, None)
-        if f is not None:
+        for f in self.active.pop(p.rid, []):
             self.core.k.cancel(f.cid)
             if f.timer is not None:
                 f.timer.cancel()
+
+    def _end(self, f: Forward, reply: Reply) -> None:
+        forwards = self.active.get(f.p.rid, [])
+        if f in forwards:
+            forwards.remove(f)
+            if not forwards:
+                del self.active[f.p.rid]
+        f.done(reply)
 
     def _order(self, members: list[Member]) -> list[Member]:
         """Replicas to try, those that failed recently last, so a partitioned replica costs
@@ -145,11 +163,10 @@ class Forwarding:
             and (method == "GET" or not outcome_unknown(outcome.body))
         ):
             return self._next(f)  # that replica could not serve yet; another one may
-        self.active.pop(f.p.rid, None)
-        self.requests.finish(f.p, Reply(outcome.status, raw=outcome.body))
+        self._end(f, Reply(outcome.status, raw=outcome.body))
 
     def _give_up(self, f: Forward) -> None:
-        self.active.pop(f.p.rid, None)
+        self.core.stats.forward_gave_up += 1
         if f.sticky is not None:
             reply = _error(
                 503, f"shard {f.shard}: replica {f.sticky.id} stopped answering after the write "
@@ -157,7 +174,7 @@ class Forwarding:
             )
         else:
             reply = _error(503, f"shard {f.shard} unreachable: no replica answered in time", f.p)
-        self.requests.finish(f.p, reply)
+        self._end(f, reply)
 
 
 def _error(status: int, message: str, p: Pending, **extra: Any) -> Reply:

@@ -121,6 +121,7 @@ class Replication:
         core.observe_epoch(s.peer.id, reply.epoch, reply.view_id)
         if core.replica.on_sync_reply(s.peer.id, reply):
             core.claims_advanced()
+        core.stats.synced("sent", len(batch.entries))
         if not reply.accepted:
             return self._wait(s, retry)
         if core.replica.has_news_for(s.peer.id) and batch.upto > batch.after:
@@ -150,6 +151,7 @@ class Replication:
         core.observe_epoch(batch.sender, batch.epoch, batch.view_id)
         claimed = core.replica.claims.get(batch.sender, 0)
         reply, changed = core.replica.on_sync(batch)
+        core.stats.synced("received", len(batch.entries))
         if core.replica.claims.get(batch.sender, 0) > claimed:
             core.claims_advanced()
         if changed:

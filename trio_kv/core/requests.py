@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..listing import merge_listings, page_of
 from ..messages import dumps
 from ..metadata import Deps, render_metadata
 from .events import Reply, Request, Respond
@@ -50,6 +51,7 @@ class Pending:
     timer: Timer | None = None
     forwarding: bool = False
     final: bool = field(default=False)
+    deps_since: float | None = None  # when it began waiting for causal dependencies
 
 
 class Requests:
@@ -104,7 +106,9 @@ class Requests:
     def finish(self, p: Pending, reply: Reply) -> None:
         if self.pending.pop(p.rid, None) is None:
             return
+        met = not (p.parked == DEPS and reply.status == 503)
         self._unpark(p)
+        self._waited(p, met)
         if p.dedup is not None and reply.status == 200:
             self.applied[p.dedup] = reply
             while len(self.applied) > self.core.config.dedup_entries:
@@ -119,8 +123,8 @@ class Requests:
             return self._park(p, CHANGE)
         if replica.view is None:
             return self.finish(p, error(503, "no view has been set on this node yet", deps))
-        if replica.shard is None:
-            return self.finish(p, error(503, "this node is not part of the current view", deps))
+        if key is None and replica.shard is None:  # a routing node: ask every shard
+            return self._gather(p)
         if key is not None and not replica.owns(key):
             self._unpark(p)
             if req.hops >= core.config.max_hops:
@@ -137,6 +141,7 @@ class Requests:
             unmet = replica.unmet_in_shard(deps) if key is None else replica.unmet(key, deps)
             if unmet:
                 return self._park(p, DEPS)
+        self._waited(p, met=True)
         reply = self._serve(req)
         if reply is not None:
             return self.finish(p, reply)
@@ -149,6 +154,8 @@ class Requests:
         over the limits."""
         core = self.core
         replica, key, deps, fits = core.replica, req.key, req.deps, core.token_rules.fits
+        if key is None and req.page is not None:
+            return page_of(replica, core.token_rules, deps, req.page)
         if key is None:
             items, out = replica.items(deps)
             if not fits(out):
@@ -176,13 +183,46 @@ class Requests:
         if p.rid not in self._parked:
             cfg = self.core.config
             if len(self._parked) >= cfg.max_waiting:
+                self.core.stats.waits_refused += 1
                 return self.finish(p, error(
                     503, "too many requests already waiting here (max_waiting="
                     f"{cfg.max_waiting}); try again shortly", p.req.deps,
                 ))
             self._parked[p.rid] = p
             p.timer = self.core.k.at(p.deadline, lambda: self._expire(p))
+        if why == DEPS and p.deps_since is None:
+            p.deps_since = self.core.k.now
         p.parked = why
+
+    def _waited(self, p: Pending, met: bool) -> None:
+        """Count a causal wait that ended (metrics)."""
+        if p.deps_since is not None:
+            self.core.stats.waited(self.core.k.now - p.deps_since, met)
+            p.deps_since = None
+
+    def _gather(self, p: Pending) -> None:
+        """A routing node's ``GET /data``: one forward per shard, answers merged."""
+        core, req = self.core, p.req
+        if req.hops >= core.config.max_hops:
+            return self.finish(
+                p, error(503, "request forwarded too many times; views disagree", req.deps)
+            )
+        view = core.replica.view
+        assert view is not None
+        answers: dict[str, Reply] = {}
+        shards = sorted(view.shards)
+        query = req.page.query() if req.page is not None else ""
+
+        def answered(shard: str, reply: Reply) -> None:
+            answers[shard] = reply
+            if len(answers) == len(shards):
+                self.finish(p, merge_listings(answers, req.deps, req.page))
+
+        for shard in shards:
+            if p.rid in self.pending:
+                self.forwarding.start(
+                    p, shard, query, lambda reply, s=shard: answered(s, reply)  # type: ignore[misc]
+                )
 
     def _unpark(self, p: Pending) -> None:
         if self._parked.pop(p.rid, None) is not None and p.timer is not None:

@@ -208,6 +208,7 @@ class ViewChanges:
         if learning:  # the deadline came while still asking: custody from what we know
             core.replica.begin_change(learning[0].learned, phase.view, False)
         core.replica.install_view(phase.view)
+        core.stats.view_changes += 1
         self.progress.seconds = round(core.k.now - phase.started, 3)
         self._finish_progress()
         core.view_installed()
