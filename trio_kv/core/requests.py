@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..listing import merge_listings, page_of
+from .. import listing
 from ..messages import dumps
 from ..metadata import Deps, render_metadata
 from .events import Reply, Request, Respond
@@ -155,7 +155,7 @@ class Requests:
         core = self.core
         replica, key, deps, fits = core.replica, req.key, req.deps, core.token_rules.fits
         if key is None and req.page is not None:
-            return page_of(replica, core.token_rules, deps, req.page)
+            return listing.page_of(replica, core.token_rules, deps, req.page)
         if key is None:
             items, out = replica.items(deps)
             if not fits(out):
@@ -216,7 +216,7 @@ class Requests:
         def answered(shard: str, reply: Reply) -> None:
             answers[shard] = reply
             if len(answers) == len(shards):
-                self.finish(p, merge_listings(answers, req.deps, req.page))
+                self.finish(p, listing.merge_listings(answers, req.deps, req.page))
 
         for shard in shards:
             if p.rid in self.pending:
