@@ -10,6 +10,8 @@ import trio
 
 from .config import load_config
 from .node import serve
+from .persist import MODES
+from .storage import StorageError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -22,7 +24,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if config.node_id is None:
         sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
-    trio.run(serve, config)
+    if config.durability not in MODES:
+        print(f"trio-kv: durability: {config.durability!r} is not one of {', '.join(MODES)}",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        trio.run(serve, config)
+    except* StorageError as group:
+        # A damaged data directory is never served as an empty store: stop, naming the file.
+        for exc in group.exceptions:
+            print(f"trio-kv: cannot start: {exc}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
             body = await _body(request, cfg.max_request_bytes + cfg.batch_bytes)
             try:
-                return _json(200, handler(body))
+                return _json(200, await handler(body))
             except WireError as exc:
                 raise ApiError(400, str(exc)) from exc
 

@@ -35,7 +35,9 @@ from .messages import (
     scope_to_wire,
 )
 from .metadata import Deps, render_metadata
+from .persist import Persister
 from .replica import Replica, ReplicaLimits
+from .storage import Storage
 from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
 from .view import Member, View, ViewError, parse_view
 
@@ -135,12 +137,18 @@ class Node:
         self._applied: OrderedDict[str, Reply] = OrderedDict()
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self.started = trio.Event()
+        self.tombstones_collected = 0
+        durable = bool(config.data_dir) and config.durability != "none"
+        self.persist = Persister(
+            Storage(config.data_dir, config.node_id) if durable else None, config.durability
+        )
 
     # ================================================================ services
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Replication and view-change services; runs until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
+                await self._recover(nursery)
                 nursery.start_soon(self._gossip_supervisor)
                 nursery.start_soon(self._coordinator)
                 nursery.start_soon(self._fence_watch)
@@ -150,6 +158,17 @@ class Node:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.sync_client.aclose()
                 await self.forward_client.aclose()
+
+    async def _recover(self, nursery: trio.Nursery) -> None:
+        """Load the data directory (if any) and start the writer and the tombstone collector."""
+        from .recovery import recover
+
+        await recover(self, nursery)
+
+    async def _durable(self) -> None:
+        """Wait until every change made so far is on disk: before an answer that claims it."""
+        if self.persist.enabled:
+            await self.persist.commit(self.replica)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -197,6 +216,7 @@ class Node:
             # a quiet spell goes at once, so stability (and token pruning) stays quick.
             await trio.sleep(max(0.0, last_push + cfg.replication_linger - trio.current_time()))
             last_push = trio.current_time()
+            await self._durable()  # persist, then send: a peer may count what it gets as stable
             batch = self.replica.batch_for(peer.id)
             if batch is None:
                 return
@@ -219,10 +239,11 @@ class Node:
             with trio.move_on_after(cfg.heartbeat_interval * random.uniform(0.8, 1.2)):
                 await news.wait()
 
-    def on_sync(self, raw: Any) -> dict[str, Any]:
+    async def on_sync(self, raw: Any) -> dict[str, Any]:
         batch = SyncBatch.from_wire(raw)
         self._observe_epoch(batch.sender, batch.epoch, batch.view_id)
         reply, changed = self.replica.on_sync(batch)
+        await self._durable()  # "seen up to n" lets the sender prune: n must survive a crash
         if changed:
             self._notify()
         return reply.to_wire()
@@ -305,7 +326,11 @@ class Node:
                 if not await self._wait_for(lambda: moved() or ready(), deadline):
                     return self._deps_timeout(deps, wait)
                 continue
-            return self._serve_locally(method, key, deps, value)
+            reply = self._serve_locally(method, key, deps, value)
+            # An answer (a write's 200, or a read of a write) only once what it shows is on
+            # disk: a value seen then lost would break the reader's causal past.
+            await self._durable()
+            return reply
 
     def _serve_locally(self, method: str, key: str | None, deps: Deps, value: str | None) -> Reply:
         """Answer from this replica: ownership and dependencies were checked with no await since."""
@@ -444,6 +469,7 @@ class Node:
                 for d in self.replica.custody.debts.values()
             ],
             "change": asdict(self.progress),
+            "storage": {**self.persist.stats(), "tombstones_collected": self.tombstones_collected},
         }
 
     async def _coordinator(self) -> None:
@@ -493,10 +519,15 @@ class Node:
                     if old is None:
                         old = await self._learn_previous_view(new)
                     self.replica.begin_change(old, new, held_data)
+                    self.persist.state_dirty = True
+                    await self._durable()  # a restart now resumes this change
                     # new pulls, and those of earlier changes still unfinished
                     self._start_pulls(nursery, self.replica.custody.pending(), new)
                     nursery.start_soon(self._hand_off, new)
             self.replica.install_view(new)
+            self.persist.state_dirty = True
+            with trio.CancelScope(shield=True):
+                await self._durable()
             self._installs += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
@@ -531,6 +562,7 @@ class Node:
                     continue
                 if isinstance(view_id, str):
                     self.replica.peer_serves(member.id, view_id)
+                    self.persist.state_dirty = True
 
     def _backoff(self, failures: int) -> float:
         """Exponential, jittered, capped: retries keep trying without flooding a sick peer."""
@@ -641,16 +673,20 @@ class Node:
                 continue
             failures = 0
             self.replica.merge(entries)
+            await self._durable()  # merged keys must outlive the debt they settle
             self.progress.keys_received += len(entries)
             self.progress.bytes_received += sum(e.size for _, e in entries)
             self._notify()
             if report is not None:
-                self._start_pulls(nursery, self.replica.pulled(pull, report), view)
+                started = self.replica.pulled(pull, report)
+                self.persist.state_dirty = True
+                await self._durable()
+                self._start_pulls(nursery, started, view)
                 self._notify()
                 return
             cursor = str(nxt)
 
-    def on_pull(self, raw: Any) -> dict[str, Any]:
+    async def on_pull(self, raw: Any) -> dict[str, Any]:
         vnodes = self.config.vnodes
         try:
             view = parse_view({"view": raw["view"]}, vnodes)
@@ -665,7 +701,11 @@ class Node:
         if isinstance(epoch, int) and self.replica.stale_puller(view.view_id, epoch):
             return {"stale": self._whoami()}
         self._observe_epoch(raw.get("from"), epoch, view.view_id)
+        fences = len(self.replica.custody.fences)
         self.replica.fence(view, within)
+        if len(self.replica.custody.fences) != fences:
+            self.persist.state_dirty = True  # a restart must not serve fenced keys again
+        await self._durable()
         entries, nxt = self.replica.pull_page(within, after, limit)
         body: dict[str, Any] = {"entries": entries_to_wire(entries), "next": nxt, **self._whoami()}
         if nxt is None:
@@ -692,13 +732,15 @@ class Node:
                 newer.view_id, newer.epoch, self.replica.epoch,
             )
 
-    def on_handoff(self, raw: Any) -> dict[str, Any]:
+    async def on_handoff(self, raw: Any) -> dict[str, Any]:
         try:
             entries = entries_from_wire(raw["entries"])
         except (KeyError, TypeError) as exc:
             raise WireError("malformed handoff") from exc
         self._observe_epoch(raw.get("from"), raw.get("epoch"), raw.get("view_id"))
-        if self.replica.merge(entries):
+        changed = self.replica.merge(entries)
+        await self._durable()  # the sender drops its copy on our ack
+        if changed:
             self._notify()
         self.progress.keys_received += len(entries)
         return {"ok": True, "received": len(entries)}
@@ -744,6 +786,7 @@ class Node:
             # Every receiver holds these versions; a key changed here since stays for the next
             # round of handoff.
             self.replica.drop_if_unchanged(entries, view)
+            await self._durable()
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

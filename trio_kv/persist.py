@@ -1,0 +1,188 @@
+"""The persister: carries out, on one writer thread, what the replica says changed, and tells
+the node when it is durable (raft's Ready: persist, then send, then answer).
+
+The replica's store records each key it changes (``Store.changes``); ``commit`` takes those,
+the clock's high-water mark and, when it changed, the view state (``snapshot.py``), queues them
+and waits for the transaction that holds them.  Modes (``--durability``):
+
+* ``batch``: everything staged while a commit is on disk joins the next one (group commit), so
+  concurrent writers share one fsync and each is answered after the commit holding it.
+* ``always``: one transaction (one fsync) per ``commit`` call, in order.
+* ``none`` (or no ``--data-dir``): nothing is written; ``commit`` returns at once.
+
+A write error stops the node: after a failed fsync the kernel may have dropped the pages, so
+the only honest answers left are none (what PostgreSQL also does).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import trio
+
+from . import snapshot
+from .clock import Version
+from .metadata import deps_from_wire, deps_to_wire
+from .replica import Replica
+from .storage import Row, Storage, StorageError
+from .store import Entry
+
+log = logging.getLogger("trio_kv.persist")
+
+MODES = ("always", "batch", "none")
+
+
+class PersistFailed(Exception):
+    """The disk refused a commit: the node must stop answering."""
+
+
+@dataclass
+class _Batch:
+    rows: dict[str, Row | None] = field(default_factory=dict)  # None: delete the key
+    meta: dict[str, str] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Persister:
+    def __init__(self, storage: Storage | None, mode: str = "batch") -> None:
+        if mode not in MODES:
+            raise ValueError(f"durability must be one of {', '.join(MODES)}, not {mode!r}")
+        self.storage = storage if mode != "none" else None
+        self.mode = mode if storage is not None else "none"
+        self._queue: deque[_Batch] = deque()
+        self._last: _Batch | None = None  # the batch staged last (committed in order)
+        self._wake = trio.Event()
+        self._hlc = -1
+        self._epochs: tuple[int, int, int] = (-1, -1, -1)
+        self.state_dirty = False
+        self.commits = 0
+        self.loaded_keys = 0
+        self.load_seconds = 0.0
+        self.incarnation = 0
+        self.created = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.storage is not None
+
+    # ------------------------------------------------------------------ start-up
+    async def open(self, replica: Replica, vnodes: int) -> None:
+        """Load the data directory into ``replica`` (on a worker thread) and start tracking."""
+        if self.storage is None:
+            return
+        started = time.monotonic()
+        loaded = await trio.to_thread.run_sync(self.storage.open)
+        self.created = loaded.created
+        store, clock = replica.store, replica.clock
+        try:
+            for key, hlc, node, value, deps in loaded.rows:
+                parsed = deps_from_wire(orjson.loads(deps)) if deps else {}
+                store.put(key, Entry(Version(hlc, node), value, parsed))
+                clock.observe(hlc)
+            clock.observe(int(loaded.meta.get("hlc", "0")))
+            if "state" in loaded.meta:
+                snapshot.restore(replica, orjson.loads(loaded.meta["state"]), vnodes)
+            self.incarnation = int(loaded.meta.get("incarnations", "0")) + 1
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"{self.storage.path}: unreadable contents ({exc!r})") from exc
+        self.loaded_keys = len(loaded.rows)
+        # A new incarnation is on disk before this one mints anything (ids stay unique).
+        await trio.to_thread.run_sync(
+            self.storage.commit, [], [], {"incarnations": str(self.incarnation)}
+        )
+        store.changes = {}
+        self._hlc = clock.last
+        self.load_seconds = time.monotonic() - started
+
+    # ------------------------------------------------------------------ commits
+    def _stage(self, replica: Replica) -> _Batch | None:
+        """Queue what changed since the last call; the batch to wait for (None: nothing)."""
+        changes = replica.store.changes
+        meta: dict[str, str] = {}
+        if replica.clock.last != self._hlc:
+            self._hlc = replica.clock.last
+            meta["hlc"] = str(self._hlc)
+        epochs = (replica.epoch, replica.target_epoch, replica.epoch_seen)
+        if self.state_dirty or epochs != self._epochs:
+            self.state_dirty = False
+            self._epochs = epochs
+            meta["state"] = orjson.dumps(snapshot.dump(replica)).decode()
+        if not changes and not meta:
+            last = self._last
+            return last if last is not None and not last.done.is_set() else None
+        rows: dict[str, Row | None] = {}
+        if changes:
+            for key, entry in changes.items():
+                rows[key] = None if entry is None else _row(key, entry)
+            replica.store.changes = {}
+        if self.mode == "batch" and self._queue:
+            batch = self._queue[-1]  # not yet taken by the writer: ride along
+            batch.rows.update(rows)
+            batch.meta.update(meta)
+        else:
+            batch = _Batch(rows, meta)
+            self._queue.append(batch)
+            self._wake.set()
+        self._last = batch
+        return batch
+
+    async def commit(self, replica: Replica) -> None:
+        """Return once everything the replica changed so far is on disk."""
+        if self.storage is None:
+            return
+        batch = self._stage(replica)
+        if batch is None:
+            return
+        await batch.done.wait()
+        if batch.error is not None:
+            raise PersistFailed(str(batch.error)) from batch.error
+
+    def pending(self) -> bool:
+        """True while some change is not yet durable (readers of it must wait)."""
+        if self.storage is None:
+            return False
+        last = self._last
+        return bool(self.state_dirty) or (last is not None and not last.done.is_set())
+
+    async def run(self) -> None:
+        """The writer: one transaction at a time on a worker thread, in staging order."""
+        storage = self.storage
+        if storage is None:
+            return
+        try:
+            while True:
+                while not self._queue:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                batch = self._queue[0]
+                upserts = [r for r in batch.rows.values() if r is not None]
+                deletes = [k for k, r in batch.rows.items() if r is None]
+                self._queue.popleft()  # from here on, new changes go into a new batch
+                try:
+                    await trio.to_thread.run_sync(storage.commit, upserts, deletes, batch.meta)
+                except Exception as exc:
+                    batch.error = exc
+                    batch.done.set()
+                    log.critical("commit to %s failed, stopping: %s", storage.path, exc)
+                    raise PersistFailed(f"{storage.path}: {exc}") from exc
+                self.commits += 1
+                batch.done.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(storage.close)
+
+    def stats(self) -> dict[str, Any]:
+        if self.storage is None:
+            return {"durability": "none"}
+        return {"durability": self.mode, "commits": self.commits, **self.storage.stats()}
+
+
+def _row(key: str, entry: Entry) -> Row:
+    deps = orjson.dumps(deps_to_wire(entry.deps)) if entry.deps else None
+    return key, entry.version.hlc, entry.version.node, entry.value, deps
