@@ -32,9 +32,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         trio.run(serve, config)
     except* StorageError as group:
         # A damaged data directory is never served as an empty store: stop, naming the file.
-        for exc in group.exceptions:
+        for exc in _leaves(group):
             print(f"trio-kv: cannot start: {exc}", file=sys.stderr)
         sys.exit(3)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":

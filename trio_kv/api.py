@@ -17,6 +17,7 @@ from starlette.routing import Route
 from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
 from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
+from .persist import PersistFailed
 from .transport import SECRET_HEADER
 from .view import ViewError, parse_view
 
@@ -181,6 +182,9 @@ def build_app(node: Node) -> Starlette:
         messages = {404: "no such endpoint", 405: "method not allowed on this endpoint"}
         return _json(exc.status_code, {"error": messages.get(exc.status_code, str(exc.detail))})
 
+    async def persist_failed(request: Request, exc: Exception) -> Response:
+        return _json(503, {"error": f"this node is stopping: {exc}"})
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _json(500, {"error": "internal error; see the node's log"})
@@ -199,6 +203,7 @@ def build_app(node: Node) -> Starlette:
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
+            PersistFailed: persist_failed,
             Exception: server_error,
         },
     )

@@ -137,6 +137,7 @@ class Node:
         self._applied: OrderedDict[str, Reply] = OrderedDict()
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self.started = trio.Event()
+        self.stopped = trio.Event()
         self.tombstones_collected = 0
         durable = bool(config.data_dir) and config.durability != "none"
         self.persist = Persister(
@@ -158,6 +159,7 @@ class Node:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.sync_client.aclose()
                 await self.forward_client.aclose()
+            self.stopped.set()
 
     async def _recover(self, nursery: trio.Nursery) -> None:
         """Load the data directory (if any) and start the writer and the tombstone collector."""
