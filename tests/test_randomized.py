@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from chaos.history import History, check, check_convergence
-from trio_kv.testing import Cluster, open_cluster
+from trio_kv.testing import Cluster, open_cluster, restart_node
 
 from .helpers import items
 
@@ -31,6 +31,9 @@ MODES = {
     "faults+views": [*FAULTS, "view"],
     # views sent to one node at a time, not waiting: nodes on different views meanwhile
     "faults+staggered-views": [*FAULTS, "view", "view-to-one"],
+    # durable nodes (a data directory each) crash and restart on their data: one, or all
+    "faults+crashes": [*FAULTS, "crash", "crash-all"],
+    "views+crashes": ["view", "heal", "crash"],
 }
 VIEWS = [
     {"A": [1, 2], "B": [3, 4]},
@@ -101,6 +104,15 @@ async def nemesis(cluster: Cluster, rnd: random.Random, steps: int, actions: lis
             log.info("  %s -> %s", a, b)
         elif action == "heal":
             net.heal()
+        elif action in ("crash", "crash-all"):
+            victims = sorted(cluster.nodes) if action == "crash-all" else [
+                rnd.choice(sorted(cluster.nodes))]
+            log.info("  restarting %s on their data", victims)
+            assert cluster.nursery is not None
+            for i in victims:
+                cluster.scopes[i].cancel()  # all down at once, then back one by one
+            for i in victims:
+                await restart_node(cluster, cluster.nursery, i)
         elif action == "view-to-one":
             view, node = rnd.choice(VIEWS), rnd.choice(sorted(cluster.nodes))
             log.info("  %s to node %s only", view, node)
@@ -126,7 +138,8 @@ SEEDS = _seeds(os.environ.get("KV_RANDOM_SEEDS", "8"))
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_random_faults_and_view_changes_keep_causality(autojump_clock, seed, mode, tmp_path):
     rnd = random.Random(seed)
-    async with open_cluster({"A": 2, "B": 2}, spare=2) as cluster:
+    data_root = str(tmp_path / "data") if "crashes" in mode else ""
+    async with open_cluster({"A": 2, "B": 2}, spare=2, data_root=data_root) as cluster:
         history = History(clock=trio.current_time)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:

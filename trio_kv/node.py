@@ -141,7 +141,8 @@ class Node:
         self.tombstones_collected = 0
         durable = bool(config.data_dir) and config.durability != "none"
         self.persist = Persister(
-            Storage(config.data_dir, config.node_id) if durable else None, config.durability
+            Storage(config.data_dir, config.node_id) if durable else None, config.durability,
+            config.dedup_entries,
         )
 
     # ================================================================ services
@@ -269,13 +270,16 @@ class Node:
         if write_id is not None and (done := self._applied.get(write_id)) is not None:
             return done
         try:
-            reply = await self._data(method, key, deps, value, hops, budget)
+            reply = await self._data(method, key, deps, value, hops, budget, write_id)
         except TooManyWaiting:
             return error(
                 503, f"too many requests already waiting here (max_waiting="
                 f"{self.config.max_waiting}); try again shortly", deps,
             )
         if write_id is not None and reply.status == 200:
+            if reply.raw is not None:  # forwarded on: remember its answer durably too
+                self.persist.remember(write_id, reply.status, reply.raw)
+                await self._durable()
             self._applied[write_id] = reply
             while len(self._applied) > self.config.dedup_entries:
                 self._applied.popitem(last=False)
@@ -289,6 +293,7 @@ class Node:
         value: str | None,
         hops: int,
         budget: float | None,
+        write_id: str | None = None,
     ) -> Reply:
         cfg = self.config
         wait = cfg.wait_deadline if budget is None else max(0.0, min(budget, cfg.wait_deadline))
@@ -329,6 +334,9 @@ class Node:
                     return self._deps_timeout(deps, wait)
                 continue
             reply = self._serve_locally(method, key, deps, value)
+            if write_id is not None and method != "GET" and reply.payload is not None:
+                # in the write's own commit: a retry after our restart must not apply it again
+                self.persist.remember(write_id, reply.status, dumps(reply.payload))
             # An answer (a write's 200, or a read of a write) only once what it shows is on
             # disk: a value seen then lost would break the reader's causal past.
             await self._durable()

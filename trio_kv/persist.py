@@ -30,7 +30,7 @@ from . import snapshot
 from .clock import Version
 from .metadata import deps_from_wire, deps_to_wire
 from .replica import Replica
-from .storage import Row, Storage, StorageError
+from .storage import Applied, Row, Storage, StorageError
 from .store import Entry
 
 log = logging.getLogger("trio_kv.persist")
@@ -47,12 +47,15 @@ class PersistFailed(Exception):
 class _Batch:
     rows: dict[str, Row | None] = field(default_factory=dict)  # None: delete the key
     meta: dict[str, str] = field(default_factory=dict)
+    applied: list[Applied] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
 
 
 class Persister:
-    def __init__(self, storage: Storage | None, mode: str = "batch") -> None:
+    def __init__(
+        self, storage: Storage | None, mode: str = "batch", keep_applied: int = 10_000
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"durability must be one of {', '.join(MODES)}, not {mode!r}")
         self.storage = storage if mode != "none" else None
@@ -63,6 +66,9 @@ class Persister:
         self._hlc = -1
         self._epochs: tuple[int, int, int] = (-1, -1, -1)
         self.state_dirty = False
+        self.keep_applied = keep_applied
+        self._applied: list[Applied] = []  # answers to forwarded writes, for the next commit
+        self.loaded_applied: list[Applied] = []  # what the data directory remembered
         self.commits = 0
         self.loaded_keys = 0
         self.load_seconds = 0.0
@@ -98,6 +104,7 @@ class Persister:
         except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"{self.storage.path}: unreadable contents ({exc!r})") from exc
         self.loaded_keys = len(loaded.rows)
+        self.loaded_applied = loaded.applied
         # A new incarnation is on disk before this one mints anything (ids stay unique).
         await self._off_loop(
             self.storage.commit, [], [], {"incarnations": str(self.incarnation)}
@@ -119,7 +126,8 @@ class Persister:
             self.state_dirty = False
             self._epochs = epochs
             meta["state"] = orjson.dumps(snapshot.dump(replica)).decode()
-        if not changes and not meta:
+        applied, self._applied = self._applied, []
+        if not changes and not meta and not applied:
             last = self._last
             return last if last is not None and not last.done.is_set() else None
         rows: dict[str, Row | None] = {}
@@ -131,8 +139,9 @@ class Persister:
             batch = self._queue[-1]  # not yet taken by the writer: ride along
             batch.rows.update(rows)
             batch.meta.update(meta)
+            batch.applied += applied
         else:
-            batch = _Batch(rows, meta)
+            batch = _Batch(rows, meta, applied)
             self._queue.append(batch)
             self._wake.set()
         self._last = batch
@@ -150,6 +159,11 @@ class Persister:
         await batch.done.wait()
         if batch.error is not None:
             raise PersistFailed(str(batch.error)) from batch.error
+
+    def remember(self, write_id: str, status: int, body: bytes) -> None:
+        """Record the answer to a forwarded write in the next commit (with the write)."""
+        if self.storage is not None:
+            self._applied.append((write_id, status, body))
 
     def pending(self) -> bool:
         """True while some change is not yet durable (readers of it must wait)."""
@@ -173,7 +187,8 @@ class Persister:
                 deletes = [k for k, r in batch.rows.items() if r is None]
                 self._queue.popleft()  # from here on, new changes go into a new batch
                 try:
-                    await self._off_loop(storage.commit, upserts, deletes, batch.meta)
+                    await self._off_loop(storage.commit, upserts, deletes, batch.meta,
+                                         batch.applied, self.keep_applied)
                 except Exception as exc:
                     batch.error = exc
                     batch.done.set()

@@ -21,6 +21,8 @@ log = logging.getLogger("trio_kv.recovery")
 
 
 async def recover(node: Node, nursery: trio.Nursery) -> None:
+    from .node import Reply
+
     cfg = node.config
     persist, replica = node.persist, node.replica
     if not persist.enabled:
@@ -33,6 +35,8 @@ async def recover(node: Node, nursery: trio.Nursery) -> None:
         # wall clock went back.
         replica.origin = f"{node.node_id}.{persist.incarnation}.{replica.origin.split('.', 1)[1]}"
         nursery.start_soon(persist.run)
+        for write_id, status, body in persist.loaded_applied:
+            node._applied[write_id] = Reply(status, raw=body)
         view, target = replica.view, replica.custody.target
         log.info(
             "node %s: %s %s (%s mode): %d keys loaded in %.2fs, view %s, epoch %s", node.node_id,

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "trio-kv/1"
+FORMAT = "trio-kv/1"  # bump on any change to the schema or to what a row means
 FILENAME = "kv.sqlite"
 
 Row = tuple[str, int, int, str | None, bytes | None]
 """(key, hlc, node, value or None for a tombstone, deps as JSON bytes or None)."""
+Applied = tuple[str, int, bytes]
+"""(write id, status, body): the answer to a forwarded write, so a retry is not applied twice."""
 
 
 class StorageError(Exception):
@@ -36,6 +38,7 @@ class StorageError(Exception):
 class Loaded:
     rows: list[Row] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
+    applied: list[Applied] = field(default_factory=list)  # oldest first
     created: bool = False  # a new, empty data directory
 
 
@@ -45,6 +48,10 @@ CREATE TABLE kv (
     key TEXT PRIMARY KEY, hlc INTEGER NOT NULL, node INTEGER NOT NULL,
     value TEXT, deps BLOB
 ) WITHOUT ROWID;
+CREATE TABLE applied (
+    seq INTEGER PRIMARY KEY, write_id TEXT NOT NULL UNIQUE, status INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
 """
 
 
@@ -130,12 +137,16 @@ class Storage:
             raise StorageError(f"{self.path}: belongs to node {meta.get('node_id')}, not to node "
                                f"{self.node_id}")
         rows: list[Row] = list(conn.execute("SELECT key, hlc, node, value, deps FROM kv"))
-        return Loaded(rows, meta)
+        applied: list[Applied] = list(
+            conn.execute("SELECT write_id, status, body FROM applied ORDER BY seq")
+        )
+        return Loaded(rows, meta, applied)
 
     # ------------------------------------------------------------------ write
-    def commit(self, upserts: Iterable[Row], deletes: Iterable[str],
-               meta: dict[str, str]) -> None:
-        """One transaction; durable when it returns (with ``sync``)."""
+    def commit(self, upserts: Iterable[Row], deletes: Iterable[str], meta: dict[str, str],
+               applied: Iterable[Applied] = (), keep_applied: int = 10_000) -> None:
+        """One transaction; durable when it returns (with ``sync``).  Of the answers to
+        forwarded writes, the newest ``keep_applied`` are kept."""
         conn = self.conn
         assert conn is not None, "open() first"
         conn.execute("BEGIN")
@@ -143,6 +154,13 @@ class Storage:
             conn.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)", upserts)
             conn.executemany("DELETE FROM kv WHERE key = ?", ((k,) for k in deletes))
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+            if applied:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO applied (write_id, status, body) VALUES (?, ?, ?)",
+                    applied,
+                )
+                conn.execute("DELETE FROM applied WHERE seq <= "
+                             "(SELECT MAX(seq) FROM applied) - ?", (keep_applied,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
