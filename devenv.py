@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for every node, e.g. KV_LOG_LEVEL=debug")
     parser.add_argument("--prefix", default="tkv", help="name prefix of what is created")
+    parser.add_argument("--data", default=str(REPO / ".devenv-data"), metavar="DIR",
+                        help="local/netns: node i keeps its data in DIR/<prefix>-n<i> and comes "
+                        "back with it (podman: a volume per container)")
+    parser.add_argument("--memory", action="store_true",
+                        help="run the nodes in memory only (a restart starts empty)")
     parser.add_argument("--no-install", action="store_true",
                         help="use the current interpreter as is (no venv handling)")
     return parser.parse_args(argv)
@@ -107,10 +112,15 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     options = {"base_port": args.base_port} if args.backend == "local" else {}
+    env = parse_env(args.env)
+    if args.memory:
+        env.setdefault("KV_DURABILITY", "none")
+    elif args.backend != "podman":  # durable by default (the image's KV_DATA_DIR for podman)
+        env.setdefault("KV_DATA_DIR", str(Path(args.data).resolve() / f"{args.prefix}-n{{id}}"))
     try:
         started = time.monotonic()
         cluster = Cluster.up(args.nodes, args.shards, backend=args.backend, prefix=args.prefix,
-                             env=parse_env(args.env), **options)
+                             env=env, **options)
     except ChaosError as exc:
         print(f"devenv: {exc}", file=sys.stderr)
         return 1
@@ -131,6 +141,11 @@ def run_cluster(args: argparse.Namespace) -> int:
                   "| heal | kill N | restart N | delay N MS")
         print(f"Logs: {cluster.workdir / 'logs'}" if args.backend != "podman"
               else "Logs: podman logs <prefix>-n<N>")
+        if "KV_DATA_DIR" in env:
+            print(f"Data: {env['KV_DATA_DIR'].replace('{id}', '<N>')} (kept after Ctrl-C; "
+                  "--memory runs without)")
+        elif args.memory:
+            print("Data: in memory only (--memory)")
         print("\nCtrl-C stops the cluster.", flush=True)
         while True:
             time.sleep(1)
