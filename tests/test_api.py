@@ -138,10 +138,10 @@ async def test_unknown_routes_and_methods_are_json(autojump_clock):
 async def test_internal_endpoints_require_the_cluster_secret(autojump_clock):
     config = dataclasses.replace(Config(), cluster_secret="s3cret")
     async with open_cluster({"S": 2}, config=config) as cluster, cluster.client(1) as c:
-        r = await c.post("/internal/handoff", json={"entries": []})
+        handoff = {"entries": [], "from": 2, "epoch": 0, "view_id": ""}
+        r = await c.post("/internal/handoff", json=handoff)
         assert r.status_code == 401 and "secret" in r.json()["error"]
-        r = await c.post("/internal/handoff", json={"entries": []},
-                         headers={"x-kv-secret": "s3cret"})
+        r = await c.post("/internal/handoff", json=handoff, headers={"x-kv-secret": "s3cret"})
         assert r.status_code == 200
         meta = await put(c, "k", "v")  # replication itself carries the secret
         async with cluster.client(2) as c2:

@@ -227,3 +227,84 @@ def test_replicas_converge_whatever_the_interleaving(ops, syncs):
         _exchange(reps[1], reps[0], 1)
     state = [{k: (e.version, e.value) for k, e in r.store.entries.items()} for r in reps]
     assert state[0] == state[1]
+
+
+# ------------------------------------------------------------------- the trust boundary (pure)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=8), st.text(max_size=300)), max_size=40),
+       st.integers(1, 8), st.integers(64, 2000))
+def test_batches_are_bounded_in_encoded_bytes_and_lose_nothing(items, max_entries, max_bytes):
+    from trio_kv.messages import dumps as wire_dumps
+    from trio_kv.messages import entries_to_wire
+    from trio_kv.replica import bounded
+
+    entries = [(k, Entry(Version(i + 1, 1), v, {})) for i, (k, v) in enumerate(items)]
+    batches = list(bounded(entries, max_entries, max_bytes))
+    assert [e for b in batches for e in b] == entries
+    for batch in batches:
+        assert len(batch) <= max_entries
+        encoded = len(wire_dumps(entries_to_wire(batch)))
+        assert len(batch) == 1 or encoded <= max_bytes  # an entry larger than a batch goes alone
+
+
+def test_token_rules_bound_clock_and_size():
+    from trio_kv.metadata import TokenRules
+
+    rules = TokenRules(max_deps=2, max_bytes=200, max_skew_ms=1000)
+    now = 1_000_000
+    ok = parse_metadata({"deps": {"a": [now << 16, 1]}}, rules, now)
+    assert ok == {"a": Version(now << 16, 1)}
+    for bad in (
+        {"deps": {"a": [(now + 1001) << 16, 1]}},  # past the allowed skew
+        {"deps": {"a": [2**63, 1]}},
+        {"deps": {"a": [18446744073709551615, 1]}},
+        {"deps": {"a": [1, -1]}},
+        {"deps": {"a": [1, 2**53]}},
+        {"deps": {"a": [1, 1], "b": [1, 1], "c": [1, 1]}},  # more than max_deps
+        {"deps": {"x" * 300: [1, 1]}},  # more than max_bytes
+        {"deps": {"": [1, 1]}},
+    ):
+        with pytest.raises(MetadataError):
+            parse_metadata(bad, rules, now)
+
+
+def test_a_write_whose_token_would_be_too_large_changes_nothing():
+    from trio_kv.metadata import TokenRules
+    from trio_kv.replica import ReplicaLimits
+
+    view = parse_view({"view": {"A": [{"id": 1, "address": "h:1"}, {"id": 2, "address": "h:2"}]}})
+    r = Replica(1, "1.x", ReplicaLimits(token=TokenRules(max_deps=2)))
+    r.install_view(view)
+    deps = {"a": Version(5, 2), "b": Version(6, 2)}  # unstable (peer 2 confirmed nothing)
+    assert r.write("c", "v", deps, now_ms=1) is None
+    assert r.store.get("c") is None and r.store.head == 0
+    assert r.write("a", "v", deps, now_ms=1) is not None  # the key's own dep is replaced
+
+
+def test_a_sync_claiming_more_than_we_sent_is_refused():
+    from trio_kv.messages import SyncBatch, WireError
+
+    view = parse_view({"view": {"A": [{"id": 1, "address": "h:1"}, {"id": 2, "address": "h:2"}]}})
+    r = Replica(1, "1.x")
+    r.install_view(view)
+    r.write("k", "v", {}, now_ms=1)
+    batch = SyncBatch(2, "2.y", view.view_id, 0, 0, [], {"1.x": 5}, [])
+    with pytest.raises(WireError):
+        r.on_sync(batch)
+    assert r.claims.get(2, 0) == 0  # nothing believed
+    r.on_sync(SyncBatch(2, "2.y", view.view_id, 0, 0, [], {"1.x": 1}, []))
+    assert r.claims[2] == 1
+
+
+def test_pulls_built_on_an_invented_or_readdressed_cluster_are_refused():
+    body = {"A": [{"id": 1, "address": "h:1"}, {"id": 2, "address": "h:2"}]}
+    view = parse_view({"view": body})
+    r = Replica(1, "1.x")
+    r.install_view(view)
+    grown = parse_view({"view": {**body, "B": [{"id": 3, "address": "h:3"}]}})
+    invented = parse_view({"view": {"A": [{"id": 91, "address": "evil:1"}]}})
+    hijack = parse_view({"view": {"A": [{"id": 1, "address": "evil:1"},
+                                        {"id": 2, "address": "evil:2"}]}})
+    # a new node of a grown cluster pulls our keys: fine (its scopes name our view)
+    assert r.pull_refusal(3, grown, [(view, "A"), (grown, "B")]) is None
+    assert r.pull_refusal(91, invented, [(invented, "A")]) is not None
+    assert r.pull_refusal(1, hijack, [(view, "A"), (hijack, "A")]) is not None

@@ -260,7 +260,7 @@ async def test_a_collected_tombstone_never_comes_back(autojump_clock, tmp_path):
                 while any(n.replica.store.get("gone") is not None
                           for n in cluster.nodes.values()):
                     await trio.sleep(0.5)
-            assert sum(n.tombstones_collected for n in cluster.nodes.values()) == 3
+            assert sum(n.persist.tombstones_collected for n in cluster.nodes.values()) == 3
             for i in (1, 2, 3):
                 await restart_node(cluster, cluster.nursery, i)
             await trio.sleep(10)

@@ -41,7 +41,9 @@ def test_two_to_four_shards_with_2000_keys() -> None:
             assert statuses == [200] * 8
             after: dict[int, dict[str, str]] = {}
             for i in (0, 2, 4, 6):
-                after[i] = c.get(procs.url(i) + "/data").json()["items"]
+                r = c.get(procs.url(i) + "/data")
+                assert r.status_code == 200, r.text[:300]
+                after[i] = r.json()["items"]
             union: dict[str, str] = {}
             for items in after.values():
                 assert not set(items) & set(union), "a key on two shards"

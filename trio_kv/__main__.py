@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import trio
 
 from .config import load_config
-from .node import serve
 from .persist import MODES
+from .server import serve
 from .storage import StorageError
 
 

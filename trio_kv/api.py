@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
+import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .config import Config
 from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
 from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
@@ -50,18 +56,21 @@ def _reply(reply: Reply) -> Response:
     return _json(reply.status, reply.payload or {})
 
 
-async def _body(request: Request, limit: int) -> Any:
+async def _body(request: Request, limit: int, timeout: float) -> Any:
     """The decoded JSON body, or ``_NO_BODY`` when it is empty (GET often has none)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
+    with trio.move_on_after(timeout) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body larger than {limit} bytes")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise ApiError(408, f"request body not received within {timeout:g}s (read_timeout)")
     raw = b"".join(chunks)
     if not raw.strip():
         return _NO_BODY
@@ -71,7 +80,7 @@ async def _body(request: Request, limit: int) -> Any:
         raise ApiError(400, "request body is not valid JSON") from exc
 
 
-def _metadata(request: Request, body: Any) -> Deps:
+def _metadata(request: Request, body: Any, node: Node) -> Deps:
     if isinstance(body, dict) and METADATA_FIELD in body:
         raw = body[METADATA_FIELD]
     elif (header := request.headers.get(METADATA_HEADER)) is not None and header.strip():
@@ -82,7 +91,7 @@ def _metadata(request: Request, body: Any) -> Deps:
     else:
         raw = None
     try:
-        return parse_metadata(raw)
+        return parse_metadata(raw, node.token_rules, node.wall_ms())
     except MetadataError as exc:
         raise ApiError(400, str(exc)) from exc
 
@@ -104,17 +113,67 @@ def _key_of(request: Request) -> str:
     return key
 
 
-def _forwarding(request: Request) -> tuple[int, float | None]:
-    try:
-        hops = int(request.headers.get(HOPS_HEADER, "0"))
-        budget_text = request.headers.get(BUDGET_HEADER)
-        return hops, float(budget_text) if budget_text is not None else None
-    except ValueError as exc:
-        raise ApiError(400, "malformed forwarding headers") from exc
+_WRITE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _has_secret(request: Request, secret: bytes) -> bool:
+    """Constant-time; compared as bytes (header text may hold any latin-1 character)."""
+    given = request.headers.get(SECRET_HEADER, "").encode("latin-1")
+    return hmac.compare_digest(given, secret)
+
+
+def _node_headers(request: Request, cfg: Config, secret: bytes) -> tuple[int, float | None,
+                                                                         str | None]:
+    """Hops, budget and write id: set by nodes when they forward.  Always validated; with a
+    cluster secret they count only on requests that carry it (a client's are ignored)."""
+    headers = request.headers
+    hops_text = headers.get(HOPS_HEADER)
+    budget_text = headers.get(BUDGET_HEADER)
+    write_id = headers.get(WRITE_ID_HEADER)
+    if hops_text is None and budget_text is None and write_id is None:
+        return 0, None, None
+    hops = 0
+    if hops_text is not None:
+        if not hops_text.isascii() or not hops_text.isdigit() or int(hops_text) > cfg.max_hops:
+            raise ApiError(400, f"X-KV-Hops must be an integer from 0 to {cfg.max_hops}")
+        hops = int(hops_text)
+    budget = None
+    if budget_text is not None:
+        try:
+            budget = float(budget_text)
+        except ValueError:
+            budget = -1.0
+        if not math.isfinite(budget) or budget < 0:
+            raise ApiError(400, "X-KV-Budget must be a non-negative number of seconds")
+    if write_id is not None and not _WRITE_ID.fullmatch(write_id):
+        raise ApiError(400, "X-KV-Write-Id must be 1 to 128 of A-Z a-z 0-9 . _ -")
+    if secret and not _has_secret(request, secret):
+        return 0, None, None
+    return hops, budget, write_id
+
+
+class HeaderLimit:
+    """Pure ASGI middleware: header bytes past ``max_header_bytes`` get a JSON 431 before any
+    route runs (hypercorn's own cap on the raw request head answers the same way: see
+    ``server.py``)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.limit
+        ):
+            body = {"error": f"request headers larger than {self.limit} bytes (max_header_bytes)"}
+            await _json(431, body)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def build_app(node: Node) -> Starlette:
     cfg = node.config
+    secret = cfg.cluster_secret.encode()
 
     async def ping(request: Request) -> Response:
         return _json(200, {"ok": True, "id": node.node_id, "view": node.replica.view is not None})
@@ -123,10 +182,11 @@ def build_app(node: Node) -> Starlette:
         key = _key_of(request)
         if len(key.encode()) > cfg.max_key_bytes:
             raise ApiError(400, f"key longer than {cfg.max_key_bytes} bytes")
-        body = await _body(request, cfg.max_request_bytes)
+        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        deps = _metadata(request, body)
+        hops, budget, write_id = _node_headers(request, cfg, secret)
+        deps = _metadata(request, body, node)
         value = None
         if request.method == "PUT":
             if body is _NO_BODY:
@@ -137,38 +197,48 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(400, "'value' is missing or not a string")
             if len(value.encode()) > cfg.max_value_bytes:
                 raise ApiError(413, f"value larger than {cfg.max_value_bytes} bytes")
-        hops, budget = _forwarding(request)
-        write_id = request.headers.get(WRITE_ID_HEADER)
-        return _reply(await node.data(request.method, key, deps, value, hops, budget, write_id))
+        reply = await node.data(request.method, key, deps, value, hops, budget, write_id)
+        await node.durable()  # persist, then answer: what we show must survive a crash
+        return _reply(reply)
 
     async def data_all(request: Request) -> Response:
-        body = await _body(request, cfg.max_request_bytes)
+        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        hops, budget = _forwarding(request)
-        return _reply(await node.data("GET", None, _metadata(request, body), None, hops, budget))
+        hops, budget, _ = _node_headers(request, cfg, secret)
+        deps = _metadata(request, body, node)
+        reply = await node.data("GET", None, deps, None, hops, budget)
+        await node.durable()
+        return _reply(reply)
 
     async def view(request: Request) -> Response:
         if request.method == "GET":
             return _json(200, node.view_status())
-        body = await _body(request, cfg.max_request_bytes)
+        if secret and not _has_secret(request, secret):
+            raise ApiError(401, "PUT /view needs the cluster secret (X-KV-Secret)")
+        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         try:
-            new = parse_view(None if body is _NO_BODY else body, cfg.vnodes)
+            new = parse_view(None if body is _NO_BODY else body, cfg.vnodes, cfg.max_view_nodes)
         except ViewError as exc:
             raise ApiError(400, str(exc)) from exc
-        await node.put_view(new)
+        failure = await node.put_view(new)
+        if failure is not None:
+            return _json(503, {"error": failure, **node.view_status()})
         return _json(200, {"message": "view applied", **node.view_status()})
 
     def _internal(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
-            if cfg.cluster_secret and not hmac.compare_digest(
-                request.headers.get(SECRET_HEADER, ""), cfg.cluster_secret
-            ):
+            if secret and not _has_secret(request, secret):
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
-            body = await _body(request, cfg.max_request_bytes + cfg.batch_bytes)
+            body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
             try:
-                return _json(200, await handler(body))
+                answer = handler(body)
+                # a sync's "seen up to n", a handoff's ack, a pull page's fence: on disk first
+                await node.durable()
+                return _json(200, answer)
             except WireError as exc:
+                log.warning("node %s: refused %s from %s: %s", node.node_id, request.url.path,
+                            request.client.host if request.client else "?", exc)
                 raise ApiError(400, str(exc)) from exc
 
         return endpoint
@@ -200,6 +270,7 @@ def build_app(node: Node) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(HeaderLimit, limit=cfg.max_header_bytes)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

@@ -25,9 +25,13 @@ class HybridClock:
     def __init__(self) -> None:
         self.last = 0
 
+    def peek(self, now_ms: int, floor: int = 0) -> int:
+        """What ``tick`` would return, without taking it."""
+        return max(now_ms << LOGICAL_BITS, self.last + 1, floor + 1)
+
     def tick(self, now_ms: int, floor: int = 0) -> int:
         """A fresh timestamp above everything seen and above ``floor``."""
-        self.last = max(now_ms << LOGICAL_BITS, self.last + 1, floor + 1)
+        self.last = self.peek(now_ms, floor)
         return self.last
 
     def observe(self, hlc: int) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,11 @@ class Config:
     max_key_bytes: int = 1024
     max_request_bytes: int = 8 << 20
     max_header_bytes: int = 64 << 10
+    max_token_deps: int = 256  # dependencies in a causal-metadata token, in or out
+    max_token_bytes: int = 32 << 10  # encoded causal-metadata JSON, in or out
+    max_clock_skew: float = 60.0  # seconds a timestamp may run ahead of this node's clock
+    max_peer_message_bytes: int = 16 << 20  # one /internal/ request or peer answer
+    max_view_nodes: int = 1024  # nodes (and shards) one view may name
     wait_deadline: float = 30.0  # causal waits, forwarding retries, mid-change waits
     max_waiting: int = 1000  # requests parked in a causal or handoff wait at once; more get 503
     # replication
@@ -44,7 +52,9 @@ class Config:
     # views
     vnodes: int = 128
     view_change_deadline: float = 12.0
+    put_view_timeout: float = 60.0  # a PUT /view answers by then (503 if still changing)
     handoff_batch_entries: int = 1000
+    handoff_batch_bytes: int = 4 << 20  # one handoff batch or pull page, encoded
     handoff_retry_interval: float = 1.0
     fence_probe_interval: float = 1.0  # while fenced, how often to ask the fencing shard
     # durability (persist.py): a data directory makes writes survive kill -9 of the node
@@ -54,6 +64,7 @@ class Config:
     tombstone_interval: float = 10.0  # how often stable tombstones are looked for
     # server
     keep_alive_timeout: float = 30.0
+    read_timeout: float = 10.0  # seconds a client may take to send a request body
     shutdown_grace: float = 5.0
     log_level: str = "info"
     # Allocations between young-generation GC passes (Python's default: 700).  Refcounting frees
@@ -61,10 +72,59 @@ class Config:
     # p99/p50 3.0-3.3 at 700, 1.6-1.9 at 20,000).  0 keeps Python's default.
     gc_gen0_threshold: int = 20_000
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, f"{value!r} is not a finite number")
+            if f.name in _POSITIVE and value <= 0:
+                raise ConfigError(f.name, f"must be positive, not {value!r}")
+            if f.name in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f.name, f"must not be negative, not {value!r}")
+        if self.node_id is not None and not 0 <= self.node_id < 1 << 53:
+            raise ConfigError("node_id", "must be a non-negative integer below 2**53")
+        if not 0 <= self.port < 65536:
+            raise ConfigError("port", f"{self.port} is not a TCP port")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS).lower()}")
+        largest_entry = 6 * (self.max_value_bytes + self.max_key_bytes) + self.max_token_bytes
+        need = max(self.batch_bytes, self.handoff_batch_bytes, largest_entry) + (64 << 10)
+        if self.max_peer_message_bytes < need:
+            raise ConfigError(
+                "max_peer_message_bytes", f"{self.max_peer_message_bytes} is below what a batch "
+                f"or one entry may need ({need}: batch_bytes, handoff_batch_bytes, or 6 x "
+                "max_value_bytes, the worst JSON escaping)",
+            )
+
     @property
     def client_keepalive_expiry(self) -> float:
-        """Below the server's keep-alive so a reused connection is never one being closed."""
-        return max(1.0, self.keep_alive_timeout / 2)
+        """Below the server's keep-alive, so a reused connection is never one being closed."""
+        return max(0.5, self.keep_alive_timeout / 2)
+
+    @property
+    def max_skew_ms(self) -> int:
+        return int(self.max_clock_skew * 1000)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid: says which, and why, in one line."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_NON_NEGATIVE = {"gc_gen0_threshold", "shutdown_grace", "replication_linger"}
+_POSITIVE = {
+    "max_value_bytes", "max_key_bytes", "max_request_bytes", "max_header_bytes",
+    "max_token_deps", "max_token_bytes", "max_clock_skew", "max_peer_message_bytes",
+    "max_view_nodes", "wait_deadline", "max_waiting", "gossip_interval", "heartbeat_interval",
+    "batch_entries", "batch_bytes", "connect_timeout", "peer_timeout", "forward_attempt_timeout",
+    "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
+    "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
+    "handoff_retry_interval", "fence_probe_interval", "keep_alive_timeout", "read_timeout",
+}
 
 
 _ALIASES = {"node_id": "NODE_IDENTIFIER", "host": "HOST", "port": "PORT"}
@@ -73,23 +133,38 @@ _SHORT = {"node_id": "--id"}
 
 def _convert(field_type: object, raw: str) -> object:
     text = str(field_type)
-    if "int" in text and "None" in text:
-        return int(raw) if raw else None
-    if text in ("int", "<class 'int'>"):
-        return int(raw)
-    if text in ("float", "<class 'float'>"):
-        return float(raw)
+    try:
+        if "int" in text and "None" in text:
+            return int(raw) if raw else None
+        if text in ("int", "<class 'int'>"):
+            return int(raw)
+        if text in ("float", "<class 'float'>"):
+            return float(raw)
+    except ValueError:
+        kind = "a number" if "float" in text else "a whole number"
+        raise ValueError(f"{raw!r} is not {kind}") from None
     return raw
+
+
+def _fail(setting: str, problem: str) -> NoReturn:
+    """One line naming the setting and the problem, exit code 2 (as argparse does)."""
+    print(f"trio-kv: error: {setting}: {problem}", file=sys.stderr)
+    sys.exit(2)
 
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Defaults, then environment, then command line."""
     env = os.environ if env is None else env
     values: dict[str, object] = {}
+    sources: dict[str, str] = {}
     for f in fields(Config):
         for name in (f"KV_{f.name.upper()}", _ALIASES.get(f.name)):
             if name and env.get(name):
-                values[f.name] = _convert(f.type, env[name])
+                try:
+                    values[f.name] = _convert(f.type, env[name])
+                except ValueError as exc:
+                    _fail(name, str(exc))
+                sources[f.name] = name
     parser = argparse.ArgumentParser(
         prog="trio-kv", description="Run one trio-kv node (see README.md and API.md)."
     )
@@ -104,8 +179,13 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     for f in fields(Config):
         raw = getattr(args, f.name)
         if raw is not None:
+            flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
             try:
                 values[f.name] = _convert(f.type, raw)
-            except ValueError:
-                parser.error(f"{f.name}: {raw!r} is not a valid value")
-    return dataclasses.replace(Config(), **values)  # type: ignore[arg-type]
+            except ValueError as exc:
+                _fail(flag, str(exc))
+            sources[f.name] = flag
+    try:
+        return dataclasses.replace(Config(), **values)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        _fail(sources.get(exc.name, exc.name), str(exc).split(": ", 1)[1])

@@ -1,21 +1,28 @@
-"""Peer messages and the one JSON codec.
+"""Peer messages and the one JSON codec: the trust boundary between nodes.
 
-Messages are frozen dataclasses; ``to_wire``/``from_wire`` are the only place that knows
-their JSON shape, and ``from_wire`` validates, so a malformed peer message is a clean error.
+Every exchange is a frozen dataclass; ``to_wire`` and ``from_wire`` are the only code that knows
+its JSON shape.  ``from_wire`` validates everything against ``WireRules`` (types, ranges, sizes,
+timestamps not too far ahead of our clock) and raises ``WireError``, so a malformed or hostile
+peer message is a 400 at the edge and never reaches the replica.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import orjson
 
-from .clock import Version
 from .handoff import Report, Scope
-from .metadata import Deps, deps_from_wire, deps_to_wire
+from .metadata import MAX_NODE_ID, Deps, MetadataError, TokenRules, check_deps, check_version
 from .store import Entry
-from .view import parse_view
+from .view import View, ViewError, parse_view
+
+MAX_INT = (1 << 53) - 1  # stream positions, epochs: exact in every JSON implementation
+MAX_NAME = 128  # origins and view ids
+MAX_SCOPES = 16  # scopes of one pull, debts of one report
 
 
 class WireError(ValueError):
@@ -30,21 +37,81 @@ def loads(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def entry_to_wire(key: str, e: Entry) -> list[Any]:
-    return [key, e.value, e.version.hlc, e.version.node, deps_to_wire(e.deps) if e.deps else None]
+@dataclass(frozen=True, slots=True)
+class WireRules:
+    """What a peer message may hold, from the receiver's config and clock."""
+
+    token: TokenRules
+    max_value_bytes: int
+    latest_hlc: int  # no timestamp above this (our wall clock plus max_clock_skew)
+    vnodes: int = 128
+    max_view_nodes: int = 1024
 
 
-def entry_from_wire(raw: Any) -> tuple[str, Entry]:
+def _int(raw: Mapping[str, Any], name: str, high: int = MAX_INT) -> int:
+    value = raw.get(name)
+    if type(value) is not int or not 0 <= value <= high:
+        raise WireError(f"'{name}' must be an integer from 0 to {high}")
+    return value
+
+
+def _name(raw: Mapping[str, Any], name: str, empty: bool = True) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str) or len(value) > MAX_NAME or (not empty and not value):
+        raise WireError(f"'{name}' must be a string of at most {MAX_NAME} characters")
+    return value
+
+
+def _object(raw: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise WireError(f"{what} must be a JSON object")
+    return raw
+
+
+def _view(raw: Any, rules: WireRules) -> View:
     try:
-        key, value, hlc, node, deps = raw
-        if not isinstance(key, str) or not (value is None or isinstance(value, str)):
-            raise TypeError
-        parsed: Deps = deps_from_wire(deps) if deps else {}
-        return key, Entry(Version(int(hlc), int(node)), value, parsed)
-    except (TypeError, ValueError) as exc:
-        raise WireError("malformed entry") from exc
+        return parse_view({"view": raw}, rules.vnodes, rules.max_view_nodes)
+    except ViewError as exc:
+        raise WireError(f"malformed view: {exc}") from exc
 
 
+# ------------------------------------------------------------------- entries
+def entry_to_wire(key: str, e: Entry) -> list[Any]:
+    deps = {k: [v.hlc, v.node] for k, v in e.deps.items()} if e.deps else None
+    return [key, e.value, e.version.hlc, e.version.node, deps]
+
+
+def entry_from_wire(raw: Any, rules: WireRules) -> tuple[str, Entry]:
+    if not isinstance(raw, list) or len(raw) != 5:
+        raise WireError("an entry must be [key, value, timestamp, node, deps]")
+    key, value, hlc, node, deps = raw
+    token = rules.token
+    if not isinstance(key, str) or not key or len(key.encode()) > token.max_key_bytes:
+        raise WireError("an entry's key is not a string of 1 to max_key_bytes bytes")
+    if value is not None and (
+        not isinstance(value, str)
+        or (len(value) * 4 > rules.max_value_bytes and len(value.encode()) > rules.max_value_bytes)
+    ):
+        raise WireError("an entry's value is not a string of at most max_value_bytes")
+    try:
+        version = check_version(hlc, node, rules.latest_hlc)
+        parsed: Deps = check_deps(deps, token, rules.latest_hlc) if deps else {}
+    except MetadataError as exc:
+        raise WireError(f"entry {key[:100]!r}: {exc}") from exc
+    return key, Entry(version, value, parsed)
+
+
+def entries_to_wire(entries: list[tuple[str, Entry]]) -> list[list[Any]]:
+    return [entry_to_wire(k, e) for k, e in entries]
+
+
+def entries_from_wire(raw: Any, rules: WireRules) -> list[tuple[str, Entry]]:
+    if not isinstance(raw, list):
+        raise WireError("'entries' must be a list")
+    return [entry_from_wire(e, rules) for e in raw]
+
+
+# ------------------------------------------------------------------- replication
 @dataclass(frozen=True, slots=True)
 class SyncBatch:
     """One push of a replica's stream: entries after ``after`` up to and including ``upto``,
@@ -69,27 +136,43 @@ class SyncBatch:
             "epoch": self.epoch,
             "after": self.after,
             "upto": self.upto,
-            "entries": [entry_to_wire(k, e) for k, e in self.entries],
+            "entries": entries_to_wire(self.entries),
             "seen": self.seen,
             "positions": self.positions,
         }
 
     @classmethod
-    def from_wire(cls, raw: Any) -> SyncBatch:
-        try:
-            return cls(
-                sender=int(raw["sender"]),
-                origin=str(raw["origin"]),
-                view_id=str(raw["view_id"]),
-                after=int(raw["after"]),
-                upto=int(raw["upto"]),
-                entries=[entry_from_wire(e) for e in raw["entries"]],
-                seen={str(k): int(v) for k, v in raw["seen"].items()},
-                positions=[int(p) for p in raw["positions"]],
-                epoch=int(raw["epoch"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise WireError("malformed sync batch") from exc
+    def from_wire(cls, raw: Any, rules: WireRules) -> SyncBatch:
+        raw = _object(raw, "a sync batch")
+        after, upto = _int(raw, "after"), _int(raw, "upto")
+        if after > upto:
+            raise WireError("'after' is past 'upto'")
+        entries = entries_from_wire(raw.get("entries"), rules)
+        positions = raw.get("positions")
+        if (
+            not isinstance(positions, list)
+            or len(positions) != len(entries)
+            or not all(type(p) is int for p in positions)
+            or not all(a < b for a, b in pairwise([after, *positions, upto + 1]))
+        ):
+            raise WireError("'positions' must rise strictly within (after, upto], one per entry")
+        seen = _object(raw.get("seen"), "'seen'")
+        if len(seen) > 4 * rules.max_view_nodes or not all(
+            isinstance(k, str) and len(k) <= MAX_NAME and type(v) is int and 0 <= v <= MAX_INT
+            for k, v in seen.items()
+        ):
+            raise WireError("'seen' must map origins to stream positions")
+        return cls(
+            sender=_int(raw, "sender", MAX_NODE_ID),
+            origin=_name(raw, "origin", empty=False),
+            view_id=_name(raw, "view_id"),
+            after=after,
+            upto=upto,
+            entries=entries,
+            seen=dict(seen),
+            positions=positions,
+            epoch=_int(raw, "epoch"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,21 +189,29 @@ class SyncReply:
 
     @classmethod
     def from_wire(cls, raw: Any) -> SyncReply:
-        try:
-            return cls(str(raw["origin"]), str(raw["view_id"]), int(raw["seen"]),
-                       bool(raw["accepted"]), int(raw["epoch"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WireError("malformed sync reply") from exc
+        raw = _object(raw, "a sync reply")
+        accepted = raw.get("accepted")
+        if not isinstance(accepted, bool):
+            raise WireError("'accepted' must be true or false")
+        return cls(_name(raw, "origin"), _name(raw, "view_id"), _int(raw, "seen"), accepted,
+                   _int(raw, "epoch"))
 
 
-def entries_to_wire(entries: list[tuple[str, Entry]]) -> list[list[Any]]:
-    return [entry_to_wire(k, e) for k, e in entries]
+# ------------------------------------------------------------------- view changes
+@dataclass(frozen=True, slots=True)
+class Whoami:
+    """Who sends a view-change message, and on which view and epoch."""
 
+    node: int
+    epoch: int
+    view_id: str  # "" with no view
 
-def entries_from_wire(raw: Any) -> list[tuple[str, Entry]]:
-    if not isinstance(raw, list):
-        raise WireError("entries must be a list")
-    return [entry_from_wire(e) for e in raw]
+    def to_wire(self) -> dict[str, Any]:
+        return {"from": self.node, "epoch": self.epoch, "view_id": self.view_id}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Whoami:
+        return cls(_int(raw, "from", MAX_NODE_ID), _int(raw, "epoch"), _name(raw, "view_id"))
 
 
 def scope_to_wire(scope: Scope) -> list[Any]:
@@ -128,15 +219,20 @@ def scope_to_wire(scope: Scope) -> list[Any]:
     return [view.to_json(), shard]
 
 
-def scope_from_wire(raw: Any, vnodes: int) -> Scope:
-    try:
-        view_raw, shard = raw
-        view = parse_view({"view": view_raw}, vnodes)
-    except (TypeError, ValueError) as exc:  # ViewError is a ValueError
-        raise WireError(f"malformed scope: {exc}") from exc
+def scope_from_wire(raw: Any, rules: WireRules) -> Scope:
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise WireError("a scope must be [view, shard]")
+    view = _view(raw[0], rules)
+    shard = raw[1]
     if not isinstance(shard, str) or shard not in view.shards:
-        raise WireError(f"malformed scope: no shard {shard!r} in its view")
+        raise WireError("malformed scope: its shard is not in its view")
     return view, shard
+
+
+def _scopes(raw: Any, rules: WireRules, what: str) -> tuple[Scope, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_SCOPES:
+        raise WireError(f"'{what}' must be a list of at most {MAX_SCOPES} scopes")
+    return tuple(scope_from_wire(s, rules) for s in raw)
 
 
 def report_to_wire(report: Report) -> dict[str, Any]:
@@ -147,16 +243,111 @@ def report_to_wire(report: Report) -> dict[str, Any]:
     }
 
 
-def report_from_wire(raw: Any, vnodes: int) -> Report:
+def report_from_wire(raw: Any, rules: WireRules) -> Report:
     """A pulled node's report; the view and shard must agree (the shard is absent only when
     the node is not in its view)."""
-    try:
-        view = parse_view({"view": raw["view"]}, vnodes) if raw["view"] else None
-        shard, debts = raw["shard"], raw["debts"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"malformed report: {exc}") from exc
+    raw = _object(raw, "a report")
+    view = _view(raw["view"], rules) if raw.get("view") is not None else None
+    shard = raw.get("shard")
     if shard is not None and (view is None or shard not in view.shards):
         raise WireError("malformed report: its shard is not in its view")
-    if not isinstance(debts, list):
-        raise WireError("malformed report: debts must be a list")
-    return Report(view, shard, tuple(scope_from_wire(d, vnodes) for d in debts))
+    return Report(view, shard, _scopes(raw.get("debts"), rules, "debts"))
+
+
+@dataclass(frozen=True, slots=True)
+class PullRequest:
+    """A new owner under ``view`` asks for the keys we hold in every scope of ``within``
+    (which fences them here), in key order after ``after``."""
+
+    view: View
+    within: tuple[Scope, ...]
+    after: str
+    limit: int
+    sender: Whoami
+    max_bytes: int = 0  # 0: the server's own page size
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"view": self.view.to_json(), "within": [scope_to_wire(s) for s in self.within],
+                "after": self.after, "limit": self.limit, "max_bytes": self.max_bytes,
+                **self.sender.to_wire()}
+
+    @classmethod
+    def from_wire(cls, raw: Any, rules: WireRules) -> PullRequest:
+        raw = _object(raw, "a pull")
+        view = _view(raw.get("view"), rules)
+        within = _scopes(raw.get("within"), rules, "within")
+        if not within:
+            raise WireError("malformed pull: no scope to pull")
+        after = raw.get("after")
+        if not isinstance(after, str) or len(after.encode()) > rules.token.max_key_bytes:
+            raise WireError("'after' must be a key")
+        sender = Whoami(_int(raw, "from", MAX_NODE_ID), _int(raw, "epoch"), view.view_id)
+        max_bytes = _int(raw, "max_bytes") if "max_bytes" in raw else 0
+        return cls(view, within, after, max(1, _int(raw, "limit")), sender, max_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class PullPage:
+    """One page of a pull; ``next`` is the cursor of the next page, or None with the report.
+    ``stale`` (no entries): we serve a newer view than the puller's; it must catch up."""
+
+    sender: Whoami
+    entries: list[tuple[str, Entry]]
+    next: str | None
+    report: Report | None
+    stale: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.stale:
+            return {"stale": self.sender.to_wire()}
+        body: dict[str, Any] = {"entries": entries_to_wire(self.entries), "next": self.next,
+                                **self.sender.to_wire()}
+        if self.report is not None:
+            body["report"] = report_to_wire(self.report)
+        return body
+
+    @classmethod
+    def from_wire(cls, raw: Any, rules: WireRules) -> PullPage:
+        raw = _object(raw, "a pull page")
+        if "stale" in raw:
+            return cls(Whoami.from_wire(_object(raw["stale"], "'stale'")), [], None, None, True)
+        nxt = raw.get("next")
+        if nxt is not None and not isinstance(nxt, str):
+            raise WireError("'next' must be a key or null")
+        report = None if nxt is not None else report_from_wire(raw.get("report"), rules)
+        return cls(Whoami.from_wire(raw), entries_from_wire(raw.get("entries"), rules), nxt,
+                   report)
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Keys an old owner hands to a new one; acknowledged once merged."""
+
+    sender: Whoami
+    entries: list[tuple[str, Entry]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"entries": entries_to_wire(self.entries), **self.sender.to_wire()}
+
+    @classmethod
+    def from_wire(cls, raw: Any, rules: WireRules) -> Handoff:
+        raw = _object(raw, "a handoff")
+        return cls(Whoami.from_wire(raw), entries_from_wire(raw.get("entries"), rules))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerViewStatus:
+    """What a peer's ``GET /view`` says about the view it serves (fence probes, and a fresh
+    node learning the previous view)."""
+
+    view: View | None
+    epoch: int
+    changing: bool  # on its old view, moving to another: it serves neither yet
+
+    @classmethod
+    def from_wire(cls, raw: Any, rules: WireRules) -> PeerViewStatus:
+        raw = _object(raw, "a view status")
+        view = _view(raw["view"], rules) if raw.get("view") is not None else None
+        change = raw.get("change")
+        changing = isinstance(change, dict) and change.get("state") == "changing"
+        return cls(view, _int(raw, "epoch"), changing)

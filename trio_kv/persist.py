@@ -28,7 +28,7 @@ import trio
 
 from . import snapshot
 from .clock import Version
-from .metadata import deps_from_wire, deps_to_wire
+from .metadata import deps_to_wire
 from .replica import Replica
 from .storage import Applied, Row, Storage, StorageError
 from .store import Entry
@@ -70,11 +70,13 @@ class Persister:
         self._applied: list[Applied] = []  # answers to forwarded writes, for the next commit
         self.loaded_applied: list[Applied] = []  # what the data directory remembered
         self.commits = 0
+        self.tombstones_collected = 0
         self.loaded_keys = 0
         self.load_seconds = 0.0
         self.incarnation = 0
         self.created = False
         self.closed = False  # the writer stopped: nothing staged from now on is durable
+        self.stopped = trio.Event()  # the writer let go of the file
         # Tests on trio's autojump clock only: run the engine on the trio thread, since the
         # clock would jump past every timeout while a worker thread works.
         self.inline = False
@@ -94,7 +96,7 @@ class Persister:
         store, clock = replica.store, replica.clock
         try:
             for key, hlc, node, value, deps in loaded.rows:
-                parsed = deps_from_wire(orjson.loads(deps)) if deps else {}
+                parsed = {k: Version(*v) for k, v in orjson.loads(deps).items()} if deps else {}
                 store.put(key, Entry(Version(hlc, node), value, parsed))
                 clock.observe(hlc)
             clock.observe(int(loaded.meta.get("hlc", "0")))
@@ -160,10 +162,10 @@ class Persister:
         if batch.error is not None:
             raise PersistFailed(str(batch.error)) from batch.error
 
-    def remember(self, write_id: str, status: int, body: bytes) -> None:
+    def remember(self, write_id: str, fingerprint: bytes, status: int, body: bytes) -> None:
         """Record the answer to a forwarded write in the next commit (with the write)."""
         if self.storage is not None:
-            self._applied.append((write_id, status, body))
+            self._applied.append((write_id, fingerprint, status, body))
 
     def pending(self) -> bool:
         """True while some change is not yet durable (readers of it must wait)."""
@@ -203,6 +205,7 @@ class Persister:
                 waiting.done.set()
             with trio.CancelScope(shield=True):
                 await self._off_loop(storage.close)
+            self.stopped.set()
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         if self.inline:
@@ -212,8 +215,9 @@ class Persister:
 
     def stats(self) -> dict[str, Any]:
         if self.storage is None:
-            return {"durability": "none"}
-        return {"durability": self.mode, "commits": self.commits, **self.storage.stats()}
+            return {"durability": "none", "tombstones_collected": self.tombstones_collected}
+        return {"durability": self.mode, "commits": self.commits,
+                "tombstones_collected": self.tombstones_collected, **self.storage.stats()}
 
 
 def _row(key: str, entry: Entry) -> Row:

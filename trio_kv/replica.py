@@ -17,13 +17,13 @@ Causality (per key, pruned once stable):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from .clock import HybridClock, Version
 from .handoff import Custody, Pull, Report, Scope, in_scopes
-from .messages import SyncBatch, SyncReply
-from .metadata import Deps, merge_deps
+from .messages import SyncBatch, SyncReply, WireError
+from .metadata import Deps, TokenRules, merge_deps
 from .store import Entry, Store
 from .view import Member, View
 
@@ -31,7 +31,28 @@ from .view import Member, View
 @dataclass(frozen=True, slots=True)
 class ReplicaLimits:
     batch_entries: int = 2000
-    batch_bytes: int = 4 << 20
+    batch_bytes: int = 4 << 20  # one sync batch, encoded
+    page_entries: int = 1000  # one handoff batch or pull page
+    page_bytes: int = 4 << 20
+    token: TokenRules = field(default_factory=TokenRules)
+
+
+def bounded(
+    entries: Iterable[tuple[str, Entry]], max_entries: int, max_bytes: int
+) -> Iterator[list[tuple[str, Entry]]]:
+    """Cut ``entries`` into batches of at most ``max_entries`` and ``max_bytes`` encoded; an
+    entry larger than a batch goes alone (the receiver's cap allows one entry of any size)."""
+    batch: list[tuple[str, Entry]] = []
+    size = 0
+    for key, entry in entries:
+        wire = entry.wire_size(key)
+        if batch and (len(batch) >= max_entries or size + wire > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append((key, entry))
+        size += wire
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +136,25 @@ class Replica:
             return self.epoch
         return self.change_epoch()
 
+    def pull_refusal(self, sender: int, view: View, within: Iterable[Scope]) -> str | None:
+        """Why a pull must be refused, if it must: it redirects our clients (fencing), so its
+        views must agree with the ones we know on every node's address, and it must come from
+        a node we know or concern a view we know (this is no authentication: that is the
+        cluster secret's job; it stops a pull built on an invented cluster)."""
+        known = [v for v in (self.view, self.custody.target) if v is not None]
+        for candidate in (view, *(v for v, _ in within)):
+            for mine in known:
+                for member in candidate.members():
+                    other = mine.member(member.id)
+                    if other is not None and other.address != member.address:
+                        return f"it gives node {member.id} another address than our view does"
+                    if member.address in mine.addresses() and other is None:
+                        return f"it gives address {member.address} to another node than ours"
+        lived = self.custody.lived | {v.view_id for v in known}
+        if any(v.member(sender) for v in known) or any(v.view_id in lived for v, _ in within):
+            return None
+        return "it comes from a node in no view we know, about keys of no view we know"
+
     def stale_puller(self, view_id: str, epoch: int) -> bool:
         """A pull for a view older than ours (another view, lower epoch).  Serving it would
         fence us, sending our keys back to owners under that older view."""
@@ -160,14 +200,22 @@ class Replica:
             return None, deps
         return entry, self.prune(merge_deps(deps, entry.deps, {key: entry.version}))
 
-    def write(self, key: str, value: str | None, deps: Deps, now_ms: int) -> Deps:
-        """Apply a client write (``None`` deletes); returns the token to hand back."""
+    def write(self, key: str, value: str | None, deps: Deps, now_ms: int) -> Deps | None:
+        """Apply a client write (``None`` deletes); returns the token to hand back, or None
+        (nothing written) when that token would exceed the token limits: every reader of
+        the value gets its dependencies, so they are bounded like any token.
+
+        The version is above every dependency and the key's current version whatever our
+        clock says, so a write after a read always wins."""
         current = self.store.get(key)
         floor = max((v.hlc for v in deps.values()), default=0)
         if current is not None:
             floor = max(floor, current.version.hlc)
-        version = Version(self.clock.tick(now_ms, floor), self.node_id)
         past = self.prune({k: v for k, v in deps.items() if k != key})
+        version = Version(self.clock.peek(now_ms, floor), self.node_id)
+        if not self.limits.token.fits({**past, key: version}):
+            return None
+        self.clock.tick(now_ms, floor)
         self.store.put(key, Entry(version, value, past))
         return self.prune({**past, key: version})
 
@@ -194,10 +242,12 @@ class Replica:
     def has_news_for(self, peer_id: int) -> bool:
         return self.store.head > self.claims.get(peer_id, 0)
 
-    def batch_for(self, peer_id: int) -> SyncBatch | None:
-        """Our stream after what ``peer_id`` has confirmed, bounded; None without a view."""
+    def batch_for(self, peer_id: int, max_bytes: int = 0) -> SyncBatch | None:
+        """Our stream after what ``peer_id`` has confirmed, bounded in entries and encoded
+        bytes (``max_bytes``, when a peer refused a larger batch); None without a view."""
         if self.view is None:
             return None
+        limit = min(max_bytes or self.limits.batch_bytes, self.limits.batch_bytes)
         after = self.claims.get(peer_id, 0)
         skip = self.peer_origin.get(peer_id)
         entries: list[tuple[str, Entry]] = []
@@ -205,14 +255,16 @@ class Replica:
         size = 0
         upto = after
         for seq, key, entry in self.store.since(after):
-            if len(entries) >= self.limits.batch_entries or size >= self.limits.batch_bytes:
+            if entry.source == skip or not self.owns(key):
+                upto = seq
+                continue  # the peer sent it to us, or it is not this shard's: nothing to ship
+            wire = entry.wire_size(key)
+            if entries and (len(entries) >= self.limits.batch_entries or size + wire > limit):
                 break
             upto = seq
-            if entry.source == skip or not self.owns(key):
-                continue  # the peer sent it to us, or it is not this shard's: nothing to ship
             entries.append((key, entry))
             positions.append(seq)
-            size += entry.size
+            size += wire
         else:
             upto = self.store.head
         return SyncBatch(
@@ -229,6 +281,12 @@ class Replica:
         if batch.view_id != view_id or not self._is_peer(batch.sender):
             return SyncReply(self.origin, view_id, 0, False, self.epoch), []
         claim = batch.seen.get(self.origin, 0)
+        if claim > self.store.head:
+            # Believing it would count writes the peer never got as stable (and prune them).
+            raise WireError(
+                f"node {batch.sender} claims position {claim} of our stream; it is at "
+                f"{self.store.head}"
+            )
         pushed = self.pushed.get(batch.sender)
         if batch.origin in self.retired or (
             pushed is not None and pushed[0] == batch.origin and claim < pushed[1]
@@ -258,10 +316,14 @@ class Replica:
         seen = self.seen.get(batch.origin, 0)
         return SyncReply(self.origin, view_id, seen, True, self.epoch), changed
 
-    def on_sync_reply(self, peer_id: int, reply: SyncReply) -> None:
+    def on_sync_reply(self, peer_id: int, reply: SyncReply) -> bool:
+        """Note how far the peer merged our stream; True if that is further than before."""
         if reply.accepted and self.view is not None and reply.view_id == self.view.view_id:
-            self.claims[peer_id] = reply.seen
+            before = self.claims.get(peer_id, 0)
+            self.claims[peer_id] = min(reply.seen, self.store.head)
             self.peer_origin[peer_id] = reply.origin
+            return self.claims[peer_id] > before
+        return False
 
     def merge(
         self, entries: Iterable[tuple[str, Entry]], source: str = "", own_only: bool = False
@@ -329,15 +391,26 @@ class Replica:
         return [(k, e) for k in keys if (e := self.store.get(k)) is not None]
 
     def pull_page(
-        self, within: list[Scope], after_key: str, limit: int
+        self, within: Iterable[Scope], after_key: str, limit: int, max_bytes: int = 0
     ) -> tuple[list[tuple[str, Entry]], str | None]:
-        """Entries held here in every scope of ``within``, in key order, after a cursor."""
+        """Entries held here in every scope of ``within``, in key order, after a cursor;
+        at most ``limit`` entries and the page byte limit (or ``max_bytes``, if smaller)."""
         keys = sorted(
             k for k in self.store.entries if k > after_key and in_scopes(k, within)
         )
-        page = keys[:limit]
-        more = page[-1] if len(keys) > limit else None
-        return self.entries_for(page), more
+        max_bytes = min(max_bytes or self.limits.page_bytes, self.limits.page_bytes)
+        limit = min(limit, self.limits.page_entries)
+        held = ((k, e) for k in keys if (e := self.store.get(k)) is not None)
+        page = next(bounded(held, limit, max_bytes), [])
+        more = page[-1][0] if len(page) < len(keys) else None
+        return page, more
+
+    def handoff_batches(self, keys: list[str]) -> Iterator[list[tuple[str, Entry]]]:
+        """What we hand off, in batches bounded like pull pages (read as they are sent, so a
+        key written meanwhile goes at its latest version)."""
+        for i in range(0, len(keys), self.limits.page_entries):
+            chunk = self.entries_for(keys[i : i + self.limits.page_entries])
+            yield from bounded(chunk, self.limits.page_entries, self.limits.page_bytes)
 
     def drop_if_unchanged(self, sent: Iterable[tuple[str, Entry]], view: View) -> None:
         """Forget keys handed off under ``view``, unless a newer version arrived since."""

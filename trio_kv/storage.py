@@ -26,8 +26,9 @@ FILENAME = "kv.sqlite"
 
 Row = tuple[str, int, int, str | None, bytes | None]
 """(key, hlc, node, value or None for a tombstone, deps as JSON bytes or None)."""
-Applied = tuple[str, int, bytes]
-"""(write id, status, body): the answer to a forwarded write, so a retry is not applied twice."""
+Applied = tuple[str, bytes, int, bytes]
+"""(write id, request fingerprint, status, body): the answer to a forwarded write, so a retry
+is not applied twice."""
 
 
 class StorageError(Exception):
@@ -49,8 +50,8 @@ CREATE TABLE kv (
     value TEXT, deps BLOB
 ) WITHOUT ROWID;
 CREATE TABLE applied (
-    seq INTEGER PRIMARY KEY, write_id TEXT NOT NULL UNIQUE, status INTEGER NOT NULL,
-    body BLOB NOT NULL
+    seq INTEGER PRIMARY KEY, write_id TEXT NOT NULL, fingerprint BLOB NOT NULL,
+    status INTEGER NOT NULL, body BLOB NOT NULL, UNIQUE (write_id, fingerprint)
 );
 """
 
@@ -138,7 +139,7 @@ class Storage:
                                f"{self.node_id}")
         rows: list[Row] = list(conn.execute("SELECT key, hlc, node, value, deps FROM kv"))
         applied: list[Applied] = list(
-            conn.execute("SELECT write_id, status, body FROM applied ORDER BY seq")
+            conn.execute("SELECT write_id, fingerprint, status, body FROM applied ORDER BY seq")
         )
         return Loaded(rows, meta, applied)
 
@@ -156,7 +157,8 @@ class Storage:
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
             if applied:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO applied (write_id, status, body) VALUES (?, ?, ?)",
+                    "INSERT OR REPLACE INTO applied (write_id, fingerprint, status, body) "
+                    "VALUES (?, ?, ?, ?)",
                     applied,
                 )
                 conn.execute("DELETE FROM applied WHERE seq <= "

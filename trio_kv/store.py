@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import orjson
 
 from .clock import Version
-from .metadata import Deps
+from .metadata import Deps, token_bytes
 
 
 @dataclass(slots=True)
@@ -24,10 +26,19 @@ class Entry:
     deps: Deps  # causal past of the write (other keys), carried to readers
     seq: int = 0  # position in this replica's stream
     source: str = ""  # origin stream we merged it from ("" for local writes)
+    encoded: int = field(default=-1, compare=False, repr=False)  # cache for ``size``
 
     @property
     def size(self) -> int:
-        return len(self.value or "") + 64
+        """Bytes this entry takes in a peer message, less its key: JSON escaping counted, so
+        batches bounded by it stay below the receiver's cap.  Cached: entries never change."""
+        if self.encoded < 0:
+            deps = token_bytes(self.deps) if self.deps else 4
+            self.encoded = len(orjson.dumps(self.value)) + deps + 48
+        return self.encoded
+
+    def wire_size(self, key: str) -> int:
+        return self.size + len(orjson.dumps(key))
 
 
 def _rank(entry: Entry) -> tuple[Version, bool, str]:

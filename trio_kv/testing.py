@@ -6,13 +6,17 @@ ASGI app and applies the network's faults, as an iptables DROP rule would: a req
 path never arrives (the caller's cancel scope ends the wait: it may have been applied), a
 *down* node refuses connections, and links can be delayed.  Use with trio's autojump clock:
 seconds of simulated partition run in milliseconds.
+
+Each node's wall clock can be offset (``clock_offsets``, seconds) to run nodes with skewed
+clocks; a cluster whose config has a ``cluster_secret`` sends it with every view it sends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +26,7 @@ import trio
 from .api import build_app
 from .config import Config
 from .node import Node
+from .transport import SECRET_HEADER
 
 CLIENT = "client"
 CONNECT_TIMEOUT = 1.0
@@ -103,6 +108,7 @@ class Cluster:
     scopes: dict[int, trio.CancelScope] = dataclasses.field(default_factory=dict)
     nursery: trio.Nursery | None = None
     config: Config = dataclasses.field(default_factory=Config)
+    clock_offsets: dict[int, float] = dataclasses.field(default_factory=dict)
     data_root: str = ""  # one data directory per node below it ("": memory only)
 
     def view_body(self, shards: dict[str, list[int]] | None = None) -> dict[str, Any]:
@@ -114,11 +120,20 @@ class Cluster:
             }
         }
 
-    def client(self, node_id: int, timeout: float = 60.0) -> httpx.AsyncClient:
+    def client(
+        self, node_id: int, timeout: float = 60.0, secret: bool = False
+    ) -> httpx.AsyncClient:
+        """A client of one node, as an outsider's; with ``secret`` it also sends the cluster
+        secret (if any), as an operator's would."""
+        headers = (
+            {SECRET_HEADER: self.config.cluster_secret}
+            if secret and self.config.cluster_secret else {}
+        )
         return httpx.AsyncClient(
             transport=self.network.transport(CLIENT),
             base_url=f"http://{self.addresses[node_id]}",
             timeout=timeout,
+            headers=headers,
         )
 
     async def put_view(
@@ -130,7 +145,7 @@ class Cluster:
         statuses: dict[int, int] = {}
 
         async def send(i: int) -> None:
-            async with self.client(i) as c:
+            async with self.client(i, secret=True) as c:
                 statuses[i] = (await c.put("/view", json=body)).status_code
 
         async with trio.open_nursery() as nursery:
@@ -153,8 +168,11 @@ def add_node(cluster: Cluster, nursery: trio.Nursery, node_id: int, config: Conf
     address = f"10.0.0.{node_id}:8081"
     if cluster.data_root:
         config = dataclasses.replace(config, data_dir=data_dir(cluster, node_id))
-    node = Node(dataclasses.replace(config, node_id=node_id), transport_factory=_factory(
-        cluster.network, address))
+    node = Node(
+        dataclasses.replace(config, node_id=node_id),
+        transport_factory=_factory(cluster.network, address),
+        wall_ms=skewed_wall_ms(cluster.clock_offsets.get(node_id, 0.0)),
+    )
     if node.persist.storage is not None:
         # autojump clock: no worker threads (the clock would jump past every timeout while
         # one runs), and no fsync (a "crash" here is a cancelled task, not a power cut)
@@ -185,13 +203,24 @@ async def restart_node(
     also deletes its data directory, as a replaced disk would."""
     cluster.scopes[node_id].cancel()
     old = cluster.nodes[node_id]
-    with trio.CancelScope(shield=True):
-        await old.stopped.wait()  # its writer thread has let go of the file
+    if old.persist.enabled:
+        with trio.CancelScope(shield=True):
+            await old.persist.stopped.wait()  # its writer has let go of the file
     if wipe and cluster.data_root:
         shutil.rmtree(data_dir(cluster, node_id), ignore_errors=True)
     node = add_node(cluster, nursery, node_id, cluster.config)
     await node.started.wait()
     return node
+
+
+def skewed_wall_ms(offset: float) -> Callable[[], int]:
+    """Wall-clock milliseconds off by ``offset`` seconds (a node whose clock is wrong)."""
+    offset_ms = round(offset * 1000)
+
+    def wall_ms() -> int:
+        return time.time_ns() // 1_000_000 + offset_ms
+
+    return wall_ms
 
 
 def _factory(network: Network, src: str) -> Any:
@@ -207,14 +236,19 @@ async def open_cluster(
     config: Config | None = None,
     send_view: bool = True,
     spare: int = 0,
+    clock_offsets: Mapping[int, float] | None = None,
     data_root: str = "",
 ) -> AsyncIterator[Cluster]:
     """Nodes numbered from 1, shard by shard (``{"A": 2, "B": 2}`` -> A=[1,2], B=[3,4]),
     plus ``spare`` nodes outside the view; the view is sent to all members unless told not to.
-    With ``data_root`` every node keeps its data in a directory below it (durable restarts)."""
+    ``clock_offsets`` maps node ids to how far (seconds) their wall clocks are off.  With
+    ``data_root`` every node keeps its data in a directory below it (durable restarts)."""
     shards = shards or {"A": 3}
     config = config or Config()
-    cluster = Cluster(Network(), {}, {}, {}, config=config, data_root=data_root)
+    cluster = Cluster(
+        Network(), {}, {}, {}, config=config, clock_offsets=dict(clock_offsets or {}),
+        data_root=data_root,
+    )
     next_id = 1
     for name, count in shards.items():
         cluster.shards[name] = list(range(next_id, next_id + count))

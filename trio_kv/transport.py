@@ -51,9 +51,17 @@ class PeerUnavailable(Exception):
     connection was refused or never established); otherwise it may have been applied.
     """
 
-    def __init__(self, address: str, reason: str, not_sent: bool = False) -> None:
+    def __init__(
+        self, address: str, reason: str, not_sent: bool = False, status: int | None = None
+    ) -> None:
         super().__init__(f"{address}: {reason}")
         self.not_sent = not_sent
+        # The peer answered, with this unexpected status; 413 (ours or theirs) means "smaller".
+        self.status = status
+
+    @property
+    def too_large(self) -> bool:
+        return self.status == 413
 
 
 class PeerClient:
@@ -64,8 +72,10 @@ class PeerClient:
         connect_timeout: float,
         keepalive_expiry: float,
         secret: str = "",
+        max_answer_bytes: int = 16 << 20,
     ) -> None:
         self.limiter = trio.CapacityLimiter(concurrency)
+        self._max_answer = max_answer_bytes
         self._factory = factory
         self._limits = httpx.Limits(
             max_connections=concurrency * 2 + 8,
@@ -120,7 +130,7 @@ class PeerClient:
                 raise PeerUnavailable(address, str(exc)) from exc
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise PeerUnavailable(address, f"connect failed: {exc!r}", True) from exc
-            except (httpx.TransportError, OSError) as exc:
+            except (httpx.HTTPError, OSError) as exc:
                 raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
             finally:
                 self.limiter.release_on_behalf_of(borrower)
@@ -137,17 +147,27 @@ class PeerClient:
                                     "pool": timeout}},
         )
         resp = await self._pool_for(address).handle_async_request(request)
+        chunks: list[bytes] = []
+        size = 0
         try:
-            body = await resp.aread()
+            async for chunk in resp.aiter_raw():
+                size += len(chunk)
+                if size > self._max_answer:
+                    raise PeerUnavailable(address, f"answer larger than {self._max_answer} "
+                                          "bytes (max_peer_message_bytes)", status=413)
+                chunks.append(chunk)
         finally:
             await resp.aclose()
-        return PeerResponse(resp.status_code, body, resp.headers.get("content-type", ""))
+        content_type = resp.headers.get("content-type", "")
+        return PeerResponse(resp.status_code, b"".join(chunks), content_type)
 
     async def post_json(self, address: str, path: str, payload: Any, timeout: float) -> Any:
         """POST a peer message; the decoded JSON answer, or PeerUnavailable."""
         resp = await self.request(address, "POST", path, content=dumps(payload), timeout=timeout)
         if resp.status != 200:
-            raise PeerUnavailable(address, f"{path} answered {resp.status}")
+            raise PeerUnavailable(
+                address, f"{path} answered {resp.status}: {resp.body[:200]!r}", status=resp.status
+            )
         try:
             return resp.json()
         except ValueError as exc:

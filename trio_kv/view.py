@@ -5,8 +5,10 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import ipaddress
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +63,13 @@ class View:
     def members(self) -> list[Member]:
         return list(self._members.values())
 
+    @functools.cached_property
+    def _addresses(self) -> frozenset[str]:
+        return frozenset(m.address for m in self._members.values())
+
+    def addresses(self) -> frozenset[str]:
+        return self._addresses
+
     def shard_for(self, key: str) -> str:
         return self.ring.shard_for(key)
 
@@ -78,39 +87,64 @@ def _ring(shard_names: frozenset[str], vnodes: int) -> Ring:
     return Ring(shard_names, vnodes)
 
 
+MAX_NODE_ID = (1 << 53) - 1
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
 def _parse_id(raw: object) -> int:
-    if isinstance(raw, bool):
-        raise ViewError("node ids must be integers")
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        return int(raw.strip())
-    raise ViewError("node ids must be integers (or strings holding integers)")
+    if isinstance(raw, str) and raw.strip().isdigit() and raw.strip().isascii():
+        raw = int(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ViewError("node ids must be non-negative integers (or strings of digits)")
+    if not 0 <= raw <= MAX_NODE_ID:
+        raise ViewError(f"node id {raw} is out of range (0 to 2**53-1)")
+    return raw
+
+
+def _valid_host(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    if len(host) > 253:
+        return False
+    return all(_HOSTNAME.fullmatch(label) for label in host.split("."))
 
 
 def _parse_address(raw: object) -> str:
+    """``host:port`` only: a hostname, an IPv4 address or a bracketed IPv6 address, and a
+    port; no scheme, user or path (peers build URLs from it)."""
     if not isinstance(raw, str) or not raw.strip():
         raise ViewError("node addresses must be non-empty 'host:port' strings")
-    host, sep, port = raw.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ViewError(f"node address {raw!r} is not of the form 'host:port'")
-    return raw.strip()
+    text = raw.strip()
+    host, sep, port = text.rpartition(":")
+    if (
+        not sep
+        or not port.isascii()
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or not _valid_host(host)
+    ):
+        raise ViewError(f"node address {raw[:100]!r} is not of the form 'host:port'")
+    return text
 
 
 def _parse_members(name: str, raw: object) -> tuple[Member, ...]:
     if not isinstance(raw, list):
-        raise ViewError(f"shard {name!r} must be a list of {{address, id}} objects")
+        raise ViewError(f"shard {name[:100]!r} must be a list of {{address, id}} objects")
     if not raw:
-        raise ViewError(f"shard {name!r} is empty")
+        raise ViewError(f"shard {name[:100]!r} is empty")
     members = []
     for item in raw:
         if not isinstance(item, dict) or "address" not in item or "id" not in item:
-            raise ViewError(f"shard {name!r} must be a list of {{address, id}} objects")
+            raise ViewError(f"shard {name[:100]!r} must be a list of {{address, id}} objects")
         members.append(Member(id=_parse_id(item["id"]), address=_parse_address(item["address"])))
     return tuple(members)
 
 
-def parse_view(body: object, vnodes: int = 128) -> View:
+def parse_view(body: object, vnodes: int = 128, max_nodes: int = 1024) -> View:
     """Validate a ``PUT /view`` body; unknown extra fields are ignored."""
     if not isinstance(body, dict) or "view" not in body:
         raise ViewError("body must be a JSON object with a 'view' field")
@@ -119,10 +153,12 @@ def parse_view(body: object, vnodes: int = 128) -> View:
         raw = {LEGACY_SHARD_NAME: raw}
     if not isinstance(raw, dict) or not raw:
         raise ViewError("'view' must be a non-empty object of shards or a list of nodes")
+    if len(raw) > max_nodes or sum(len(m) for m in raw.values() if isinstance(m, list)) > max_nodes:
+        raise ViewError(f"a view names at most {max_nodes} nodes (max_view_nodes)")
     shards: dict[str, tuple[Member, ...]] = {}
     for name, members in raw.items():
-        if not isinstance(name, str) or not name:
-            raise ViewError("shard names must be non-empty strings")
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise ViewError("shard names must be non-empty strings of at most 256 characters")
         shards[name] = _parse_members(name, members)
     ids = [m.id for ms in shards.values() for m in ms]
     if len(ids) != len(set(ids)):
