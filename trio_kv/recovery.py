@@ -100,9 +100,8 @@ async def recover(node: Node, nursery: trio.Nursery) -> None:
             node._finish_progress()  # handoffs or pulls left unfinished are retried
         if target is not None and (view is None or target.view_id != view.view_id):
             log.info("node %s: resuming the change to view %s", node.node_id, target.view_id)
-            node._ready = trio.Event()  # data requests wait for the change, as before the crash
             nursery.start_soon(node.put_view, target)
-    nursery.start_soon(_collector, node)
+    nursery.start_soon(node._supervise, "tombstone collector", _collector, node)
 
 
 async def _collector(node: Node) -> None:
