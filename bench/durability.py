@@ -49,23 +49,28 @@ async def durability(ctx: Ctx) -> None:
 
 
 async def _throughput(ctx: Ctx, root: Path) -> None:
-    figures: dict[str, dict[int, wrk.WrkResult]] = {}
-    for mode in MODES:
-        p = _start(ctx, root / f"tp-{mode}", mode)
-        try:
-            await procs.wait_ready([p])
+    """All three nodes stay up; runs alternate between them (best of two in a full run), so
+    each ratio compares runs taken under the same conditions on a shared machine."""
+    nodes = {mode: _start(ctx, root / f"tp-{mode}", mode) for mode in MODES}
+    figures: dict[str, dict[int, wrk.WrkResult]] = {mode: {} for mode in MODES}
+    try:
+        await procs.wait_ready(list(nodes.values()))
+        for p in nodes.values():
             c = Cluster(ctx.settings, [p])
             await c.set_view(c.layout(1, 1))
             await wrk.run(p, 1, 8, {"keys": "1000", "put": "100", "vsize": "100"},
                           servers=[p])  # warm-up
-            figures[mode] = {}
-            for conns in (1, 32):
-                args = {"keys": "1000", "prefix": "k", "put": "100", "vsize": "100",
-                        "meta": "0", "seed": str(random.randrange(1 << 20))}
-                r = await wrk.run(p, ctx.duration, conns, args, servers=[p])
-                figures[mode][conns] = r
-        finally:
-            procs.stop([p])
+        for conns in (1, 32):
+            for _ in range(1 if ctx.quick else 2):
+                for mode, p in nodes.items():
+                    args = {"keys": "1000", "prefix": "k", "put": "100", "vsize": "100",
+                            "meta": "0", "seed": str(random.randrange(1 << 20))}
+                    r = await wrk.run(p, ctx.duration, conns, args, servers=[p])
+                    best = figures[mode].get(conns)
+                    if best is None or r.rps > best.rps:
+                        figures[mode][conns] = r
+    finally:
+        procs.stop(list(nodes.values()))
     for conns in (1, 32):
         base = figures["none"][conns].rps
         for mode in MODES:
