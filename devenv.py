@@ -11,6 +11,10 @@ prints the endpoints and a curl line to paste, and tears everything down on Ctrl
 runs, ``python -m chaos partition 1 / 2,3`` (and the other verbs) act on the same cluster from
 another terminal.
 
+The nodes share a random cluster secret (``KV_CLUSTER_SECRET``, printed at start-up): ``PUT
+/view`` and the nodes' internal endpoints need it in ``X-KV-Secret``.  ``--no-secret`` starts
+bare nodes instead (anyone who reaches a port can then change the view).
+
 Only the standard library is used until the venv exists: this file must run before anything
 is installed.
 """
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="local backend: port of node 1 (node i gets base+i-1)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for every node, e.g. KV_LOG_LEVEL=debug")
+    parser.add_argument("--no-secret", action="store_true",
+                        help="bare nodes: no cluster secret (default: a random one)")
     parser.add_argument("--prefix", default="tkv", help="name prefix of what is created")
     parser.add_argument("--data", default=str(REPO / ".devenv-data"), metavar="DIR",
                         help="local/netns: node i keeps its data in DIR/<prefix>-n<i> and comes "
@@ -89,21 +95,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def curl_lines(urls: list[str]) -> list[str]:
-    """Ready-to-paste commands: write through one node, read through another."""
+def curl_lines(urls: list[str], secret: str = "") -> list[str]:
+    """Ready-to-paste commands: write through one node, read through another, and (with a
+    secret) how an operator's PUT /view carries it."""
     first, last = urls[0], urls[-1]
-    return [
+    lines = [
         f"curl -s -X PUT {first}/data/hello -H 'Content-Type: application/json' "
         "-d '{\"value\": \"world\"}'",
         f"curl -s {last}/data/hello",
         f"curl -s {first}/view",
     ]
+    if secret:
+        lines.append(f"curl -s {first}/view | python3 -c 'import json,sys; "
+                     "print(json.dumps({\"view\": json.load(sys.stdin)[\"view\"]}))' | "
+                     f"curl -s -X PUT {first}/view -H 'X-KV-Secret: {secret}' "
+                     "-H 'Content-Type: application/json' -d @-")
+    return lines
+
+
+def node_env(args: argparse.Namespace) -> dict[str, str]:
+    """``--env`` settings plus the cluster secret: a fresh random one unless ``--no-secret``
+    or ``--env KV_CLUSTER_SECRET=...``."""
+    import secrets
+
+    from chaos.cli import parse_env
+
+    env = parse_env(args.env)
+    env.setdefault("KV_CLUSTER_SECRET", "" if args.no_secret else secrets.token_hex(16))
+    if args.memory:
+        env.setdefault("KV_DURABILITY", "none")
+    elif args.backend != "podman":  # durable by default (the image's KV_DATA_DIR for podman)
+        env.setdefault("KV_DATA_DIR", str(Path(args.data).resolve() / f"{args.prefix}-n{{id}}"))
+    return env
 
 
 def run_cluster(args: argparse.Namespace) -> int:
     """Start the cluster, print how to use it, wait for Ctrl-C, tear down."""
     sys.path.insert(0, str(REPO))
-    from chaos.cli import parse_env
     from chaos.cluster import Cluster
     from chaos.util import ChaosError
 
@@ -112,11 +140,7 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     options = {"base_port": args.base_port} if args.backend == "local" else {}
-    env = parse_env(args.env)
-    if args.memory:
-        env.setdefault("KV_DURABILITY", "none")
-    elif args.backend != "podman":  # durable by default (the image's KV_DATA_DIR for podman)
-        env.setdefault("KV_DATA_DIR", str(Path(args.data).resolve() / f"{args.prefix}-n{{id}}"))
+    env = node_env(args)
     try:
         started = time.monotonic()
         cluster = Cluster.up(args.nodes, args.shards, backend=args.backend, prefix=args.prefix,
@@ -132,7 +156,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         print(f"\ntrio-kv dev cluster up in {time.monotonic() - started:.1f}s "
               f"({args.backend} backend, {args.nodes} nodes, {args.shards} shard(s)):\n")
         print(cluster.describe())
-        print("\nTry:\n  " + "\n  ".join(curl_lines(urls)))
+        secret = cluster.state.secret
+        print("\nTry:\n  " + "\n  ".join(curl_lines(urls, secret)))
+        if secret:
+            print(f"\nCluster secret (X-KV-Secret for PUT /view): {secret}")
+        else:
+            print("\nNo cluster secret (--no-secret): anyone who reaches a port can change "
+                  "the view")
         if args.backend == "local":
             print("\nFaults: python -m chaos kill 2 / restart 2 (partitions need "
                   "--backend netns or podman, as root)")

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for every node (e.g. KV_GOSSIP_INTERVAL=0.1)")
     up.add_argument("--node-cmd", help="command that runs a node (default: python -m trio_kv)")
+    up.add_argument("--no-secret", action="store_true",
+                    help="start bare nodes (default: a random KV_CLUSTER_SECRET for all)")
     up.add_argument("--no-view", action="store_true", help="do not send the view")
     up.add_argument("--foreground", action="store_true",
                     help="stay attached; Ctrl-C tears the cluster down")
@@ -102,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def up_env(args: argparse.Namespace) -> dict[str, str]:
+    """``--env`` settings; ``--no-secret`` clears the cluster secret ``up`` would generate."""
+    env = parse_env(args.env)
+    if args.no_secret:
+        env["KV_CLUSTER_SECRET"] = ""
+    return env
+
+
 def _sigterm(_sig: int, _frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
@@ -130,7 +140,7 @@ def _dispatch(args: argparse.Namespace, state_dir: Path) -> int:
             import shlex
             node_cmd = shlex.split(args.node_cmd)
         cluster = Cluster.up(args.n, args.shards, backend=args.backend, prefix=args.prefix,
-                             state_dir=state_dir, env=parse_env(args.env), node_cmd=node_cmd,
+                             state_dir=state_dir, env=up_env(args), node_cmd=node_cmd,
                              send_view=not args.no_view, subnet=args.subnet,
                              base_port=args.base_port, image=args.image)
         print(cluster.describe())

@@ -10,6 +10,10 @@ namespace is new) gets exactly the rules it should have.
 State lives in ``<state dir>/<prefix>/state.json`` so that separate CLI invocations
 (``up``, then ``partition``, then ``heal``...) act on the same cluster.  Every invocation
 takes a file lock, so two of them never interleave their edits.
+
+Every cluster gets a random cluster secret (``KV_CLUSTER_SECRET`` in the nodes' environment,
+kept in the state file, readable by its owner only) unless the caller passes one, or an empty
+one for bare nodes; every view sent carries it in ``X-KV-Secret``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shlex
 import sys
 import time
@@ -38,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PREFIX = "tkv"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,5}$")
 BACKENDS = ("local", "netns", "podman")
+SECRET_ENV = "KV_CLUSTER_SECRET"
+SECRET_HEADER = "X-KV-Secret"
 
 
 def default_state_dir() -> Path:
@@ -115,10 +122,26 @@ class State:
         known = ", ".join(str(n.id) for n in self.nodes)
         raise ChaosError(f"no node {node_id} in this cluster (nodes: {known})")
 
+    @property
+    def secret(self) -> str:
+        """The cluster secret every node was started with ('' for bare nodes)."""
+        return self.env.get(SECRET_ENV, "")
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that let an operator's request (``PUT /view``) through."""
+        return {SECRET_HEADER: self.secret} if self.secret else {}
+
     def view(self) -> dict[str, list[dict[str, Any]]]:
         """The view every node is sent: shard name -> [{address, id}]."""
         return {shard: [{"address": self.node(i).address, "id": i} for i in ids]
                 for shard, ids in self.shards.items()}
+
+
+def with_secret(env: Mapping[str, str] | None) -> dict[str, str]:
+    """``env`` plus a fresh random ``KV_CLUSTER_SECRET`` unless it already names one."""
+    out = dict(env or {})
+    out.setdefault(SECRET_ENV, secrets.token_hex(16))
+    return out
 
 
 def plan_shards(n: int, shards: int) -> dict[str, list[int]]:
@@ -230,7 +253,10 @@ class Cluster:
            prefix: str = DEFAULT_PREFIX, state_dir: Path | None = None,
            env: Mapping[str, str] | None = None, node_cmd: Sequence[str] | None = None,
            send_view: bool = True, **options: Any) -> Cluster:
-        """Remove stale leftovers of ``prefix``, start N nodes, send the view, wait for all."""
+        """Remove stale leftovers of ``prefix``, start N nodes, send the view, wait for all.
+
+        Unless ``env`` sets ``KV_CLUSTER_SECRET`` (empty: bare nodes), the nodes get a fresh
+        random secret."""
         if not PREFIX_RE.match(prefix):
             raise ChaosError("prefix must be 1-6 lowercase letters/digits starting with a "
                              "letter (it ends up in interface names, limited to 15 chars)")
@@ -241,7 +267,7 @@ class Cluster:
             _down_stale(state_dir, prefix, backend)
             state = State(backend=backend, prefix=prefix, nodes=[],
                           shards=plan_shards(n, shards),
-                          node_cmd=list(node_cmd or default_node_cmd()), env=dict(env or {}))
+                          node_cmd=list(node_cmd or default_node_cmd()), env=with_secret(env))
             cluster = cls(state, state_dir)
             try:
                 shard_of = {i: s for s, ids in state.shards.items() for i in ids}
@@ -274,6 +300,8 @@ class Cluster:
         """Persist state atomically (write, then rename)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / "state.json.tmp"
+        tmp.touch(mode=0o600)  # it holds the cluster secret
+        tmp.chmod(0o600)
         tmp.write_text(self.state.to_json())
         tmp.replace(self.workdir / "state.json")
 
@@ -372,6 +400,7 @@ class Cluster:
             while time.monotonic() < deadline:
                 try:
                     r = self.http.put(f"{node.url}/view", json=body,
+                                      headers=self.state.auth_headers(),
                                       timeout=max(1.0, deadline - time.monotonic()))
                     if r.status_code == 200:
                         return
@@ -537,6 +566,11 @@ class Cluster:
             lines.append(f"  node {node.id}  {node.url:<24} {node.shard:<8} {status}{extra}")
         if self.state.cuts:
             lines.append("  cuts: " + ", ".join(f"{a}->{b}" for a, b in self.state.cuts))
+        if self.state.secret:
+            lines.append(f"  cluster secret: {SECRET_ENV} in {self.workdir / 'state.json'} "
+                         f"(send it as {SECRET_HEADER} with PUT /view)")
+        else:
+            lines.append("  no cluster secret: anyone who reaches a node can change its view")
         return "\n".join(lines)
 
 

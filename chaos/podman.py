@@ -83,10 +83,14 @@ class PodmanBackend(NetworkBackend):
         if self._exists(node):
             run(["podman", "start", node.name])
         else:
-            env: list[str] = []
-            for key, value in {**self.state.env, "NODE_IDENTIFIER": str(node.id),
-                               "PORT": str(node.port)}.items():
-                env += ["-e", f"{key}={value}"]
+            # The environment (with the cluster secret) goes in a file only we can read, not
+            # on a command line every local user can list.
+            env_file = self.workdir / f"{node.name}.env"
+            env_file.touch(mode=0o600)
+            env_file.chmod(0o600)
+            env_file.write_text("".join(f"{k}={v}\n" for k, v in self.state.env.items()))
+            env = ["--env-file", str(env_file), "-e", f"NODE_IDENTIFIER={node.id}",
+                   "-e", f"PORT={node.port}"]
             run(["podman", "run", "-d", "--name", node.name,
                  "--label", f"{LABEL}={self.state.prefix}", "--network", self.network,
                  "--ip", node.host, "--mac-address", mac_for(node.host),

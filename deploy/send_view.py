@@ -13,12 +13,17 @@ Pod ``trio-kv-<i>`` gets id ``i + 1`` (the node image's StatefulSet command deri
 ``NODE_IDENTIFIER`` the same way).  Shards are contiguous groups of ids, as in ``chaos``.
 The view addresses are the names given, so pods keep their place in the view across restarts
 even though their IPs change.
+
+The nodes' cluster secret is sent as ``X-KV-Secret``: from ``KV_CLUSTER_SECRET`` (the same
+variable the nodes read) or ``--secret-file``.  Without one it refuses to run unless told
+``--no-secret`` (bare nodes accept anyone's view).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -37,11 +42,14 @@ def plan(nodes: list[tuple[int, str]], shards: int) -> dict[str, list[dict[str, 
     return view
 
 
-def call(method: str, url: str, body: object | None, timeout: float) -> tuple[int, str]:
+def call(method: str, url: str, body: object | None, timeout: float,
+         secret: str = "") -> tuple[int, str]:
     """One HTTP request; (status, text), with status 0 when the node is unreachable."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if secret:
+        headers["X-KV-Secret"] = secret
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode(errors="replace")
@@ -60,7 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--wait", type=float, default=300.0,
                         help="give up after this many seconds (default %(default)s)")
+    parser.add_argument("--secret-file", help="file holding the cluster secret "
+                        "(default: $KV_CLUSTER_SECRET)")
+    parser.add_argument("--no-secret", action="store_true",
+                        help="the nodes run without a cluster secret")
     args = parser.parse_args(argv)
+    secret = os.environ.get("KV_CLUSTER_SECRET", "")
+    if args.secret_file:
+        with open(args.secret_file) as f:
+            secret = f.read().strip()
+    if not secret and not args.no_secret:
+        parser.error("no cluster secret: set KV_CLUSTER_SECRET or --secret-file "
+                     "(or --no-secret for nodes started without one)")
 
     nodes: list[tuple[int, str]] = []
     for spec in args.node:
@@ -80,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             status, _ = call("GET", f"http://{address}/ping", None, timeout=2)
             if status != 200:
                 continue
-            status, text = call("PUT", f"http://{address}/view", body, timeout=30)
+            status, text = call("PUT", f"http://{address}/view", body, timeout=30,
+                                secret=secret)
             if status == 200:
                 print(f"node {node_id} ({address}) accepted the view", flush=True)
                 del pending[node_id]

@@ -2,6 +2,11 @@
 and one way), heals and changes the view; the recorded history must pass the causal checker
 (chaos/history.py, POPL'17 bad patterns for last-writer-wins) and every shard must converge.
 
+Mode ``clock-skew`` runs the same faults and view changes with every node's wall clock off by
+up to 30 s either way (a per-seed draw): hybrid clocks, the timestamp bounds and the version
+rule must keep causality whatever the clocks say.  A directed test covers the view-change case
+of issue 9 item 8 (an old owner's fast clock against a new owner's slow one).
+
 Autojump clock: a minute of faults runs in a second.  ``KV_RANDOM_SEEDS=200`` (or ``200:400``)
 runs more seeds.  A seed fixes the schedule of faults and operations, not every timing, so rerun
 a failing seed several times."""
@@ -20,7 +25,7 @@ import trio
 from chaos.history import History, check, check_convergence
 from trio_kv.testing import Cluster, open_cluster, restart_node
 
-from .helpers import items
+from .helpers import converged, items, keys_of
 
 log = logging.getLogger("tests.nemesis")
 
@@ -31,10 +36,14 @@ MODES = {
     "faults+views": [*FAULTS, "view"],
     # views sent to one node at a time, not waiting: nodes on different views meanwhile
     "faults+staggered-views": [*FAULTS, "view", "view-to-one"],
+    # as faults+views, every node's wall clock off by up to SKEW seconds either way
+    "clock-skew": [*FAULTS, "view"],
     # durable nodes (a data directory each) crash and restart on their data: one, or all
     "faults+crashes": [*FAULTS, "crash", "crash-all"],
     "views+crashes": ["view", "heal", "crash"],
 }
+SKEWED = {"clock-skew"}
+SKEW = 29.0  # below max_clock_skew / 2, so no two honest nodes are a refusal apart
 VIEWS = [
     {"A": [1, 2], "B": [3, 4]},
     {"A": [1, 2], "B": [3, 4], "C": [5, 6]},
@@ -139,7 +148,15 @@ SEEDS = _seeds(os.environ.get("KV_RANDOM_SEEDS", "8"))
 async def test_random_faults_and_view_changes_keep_causality(autojump_clock, seed, mode, tmp_path):
     rnd = random.Random(seed)
     data_root = str(tmp_path / "data") if "crashes" in mode else ""
-    async with open_cluster({"A": 2, "B": 2}, spare=2, data_root=data_root) as cluster:
+    offsets: dict[int, float] = {}
+    if mode in SKEWED:
+        skew = random.Random(f"skew{seed}")
+        offsets = {i: skew.uniform(-SKEW, SKEW) for i in range(1, 7)}
+        offsets[skew.randrange(1, 7)] = SKEW  # always one node at each extreme
+        offsets[skew.choice([i for i in range(1, 7) if offsets[i] != SKEW])] = -SKEW
+        log.info("clock offsets %s", {i: round(o, 3) for i, o in offsets.items()})
+    async with open_cluster({"A": 2, "B": 2}, spare=2, clock_offsets=offsets,
+                            data_root=data_root) as cluster:
         history = History(clock=trio.current_time)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -185,3 +202,50 @@ async def test_random_faults_and_view_changes_keep_causality(autojump_clock, see
                 f"@{ops[i].node} {ops[i].status} t={ops[i].start:.3f}-{ops[i].end:.3f} "
                 f"in={ops[i].meta_in} out={ops[i].meta_out}" for i in involved]
             raise AssertionError("\n".join(lines))
+
+
+async def test_a_write_at_a_slow_new_owner_beats_a_fast_old_owners_copy(autojump_clock):
+    """Issue 9 item 8: w1 is made at an old owner whose clock runs fast and becomes stable (so
+    it leaves the session's token); the view moves the key to owners whose clocks run slow and
+    which cannot reach the old owners yet; the same session writes w2 there.  Once the old
+    owners hand w1 over, w2 must still win: its version is above the key's, whatever the
+    clocks say."""
+    fast, slow = 25.0, -25.0
+    offsets = {1: fast, 2: fast, 3: slow, 4: slow}
+    async with open_cluster({"A": 2, "B": 2}, clock_offsets=offsets) as cluster:
+        key = keys_of(cluster, "A")[0]
+        moved = {"A": [3, 4], "B": [1, 2]}  # same shard names, so every key changes owners
+        async with cluster.client(1) as c1:
+            r = await c1.put(f"/data/{key}", json={"value": "w1"})
+            assert r.status_code == 200, r.text
+            meta = r.json()["causal-metadata"]
+            with trio.fail_after(10):  # w1 reaches both replicas and leaves the token
+                while meta:
+                    await trio.sleep(0.1)
+                    r = await c1.request("GET", f"/data/{key}", json={"causal-metadata": meta})
+                    assert r.json()["value"] == "w1"
+                    meta = r.json()["causal-metadata"]
+        old, new = cluster.address_of(1, 2), cluster.address_of(3, 4)
+        cluster.network.partition(old, new)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cluster.put_view, moved)
+            await trio.sleep(0.5)  # the new view has reached every node; w1 cannot move yet
+            async with cluster.client(3) as c3:
+                r = await c3.put(f"/data/{key}", json={"value": "w2", "causal-metadata": meta})
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:  # refused while the key's old owners are away: retry healed
+            cluster.network.heal()
+            async with cluster.client(3) as c3:
+                r = await c3.put(f"/data/{key}", json={"value": "w2", "causal-metadata": meta})
+            assert r.status_code == 200, r.text
+        meta = r.json()["causal-metadata"]
+        cluster.network.heal()
+        with trio.fail_after(60):
+            while any(n.view_status()["change"]["state"] != "idle" or n.view_status()["fenced_to"]
+                      for n in cluster.nodes.values()):
+                await trio.sleep(0.5)
+        for i in cluster.nodes:
+            async with cluster.client(i) as c:
+                r = await c.request("GET", f"/data/{key}", json={"causal-metadata": meta})
+                assert r.status_code == 200 and r.json()["value"] == "w2", (i, r.text)
+        assert (await converged(cluster, [3, 4])).get(key) == "w2"

@@ -352,7 +352,10 @@ class Node(Durable, ViewChanges):
                     return not replica.unmet_in_shard(deps)
                 return not replica.unmet(key, deps)
 
-            if method != "PUT" and replica.awaiting_handoff(key):
+            # Writes wait too: a write its old owners made (and made stable, so no token
+            # names it) may carry a later timestamp than ours from a faster clock; ours must
+            # win, so we write only once we hold the key's past (issue 9, item 8).
+            if replica.awaiting_handoff(key):
                 if not await self._wait_for(
                     lambda: moved() or not replica.awaiting_handoff(key), deadline
                 ):
