@@ -15,7 +15,9 @@ import trio
 from .cli import COMMANDS
 from .config import load_config
 from .logs import configure
+from .persist import MODES
 from .server import serve
+from .storage import StorageError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,7 +36,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     if config.node_id is None:
         sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
-    trio.run(serve, config)
+    if config.durability not in MODES:
+        print(f"trio-kv: durability: {config.durability!r} is not one of {', '.join(MODES)}",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        trio.run(serve, config)
+    except* StorageError as group:
+        # A damaged data directory is never served as an empty store: stop, naming the file.
+        for leaf in _leaves(group):
+            print(f"trio-kv: cannot start: {leaf}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":

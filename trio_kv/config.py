@@ -57,6 +57,11 @@ class Config:
     handoff_batch_bytes: int = 4 << 20  # one handoff batch or pull page, encoded
     handoff_retry_interval: float = 1.0
     fence_probe_interval: float = 1.0  # while fenced, how often to ask the fencing shard
+    # durability (persist.py): a data directory makes writes survive kill -9 of the node
+    data_dir: str = ""  # empty: memory only, as are nodes started with durability none
+    durability: str = "batch"  # always (fsync per ack) | batch (group commit) | none
+    tombstone_grace: float = 3600.0  # a delete is kept at least this long (seconds)
+    tombstone_interval: float = 10.0  # how often stable tombstones are looked for
     # server
     keep_alive_timeout: float = 30.0
     read_timeout: float = 10.0  # seconds a client may take to send a request body

@@ -19,7 +19,20 @@ from typing import Any
 import trio
 
 from .config import Config
-from .core import Answer, Call, Cancel, Core, Failed, Log, Outcome, Output, Reply, Request, Respond
+from .core import (
+    Answer,
+    Call,
+    Cancel,
+    Core,
+    Failed,
+    Log,
+    Outcome,
+    Output,
+    Persist,
+    Reply,
+    Request,
+    Respond,
+)
 from .core.forwarding import (
     BUDGET_HEADER,
     HOPS_HEADER,
@@ -31,6 +44,8 @@ from .core.viewchange import ChangeProgress
 from .listing import Page
 from .messages import WireRules
 from .metadata import Deps, TokenRules
+from .persist import Persister
+from .recovery import AppliedAnswers, persister, recover
 from .replica import Replica
 from .stats import NodeStats
 from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
@@ -71,6 +86,8 @@ class Node:
         rng = rng or random.Random()
         origin = f"{config.node_id}.{time.time_ns():x}{rng.getrandbits(16):04x}"
         self.core = Core(config, origin, rng)
+        self.persist: Persister = persister(config)
+        self.core.requests.applied = AppliedAnswers(self.persist)
         keepalive = config.client_keepalive_expiry
         # Replication has at most one call in flight per peer; forwarding is bounded by its own
         # limiter.  Separate clients keep one pool's bookkeeping from slowing the other.
@@ -127,7 +144,8 @@ class Node:
         return self.core.wire_rules()
 
     def view_status(self) -> dict[str, Any]:
-        return self.core.view_status()
+        storage = {**self.persist.stats(), "tombstones_collected": self.core.tombstones_collected}
+        return {**self.core.view_status(), "storage": storage}
 
     # ================================================================ the loop
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -135,6 +153,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await recover(self, nursery)  # load the data directory, if there is one
                 nursery.start_soon(self._timers)
                 self.started.set()
                 task_status.started()
@@ -157,15 +176,30 @@ class Node:
 
     def _persisting(self, outputs: list[Output]) -> bool:
         """Whether sends and answers must first wait for the disk (raft's Ready: persist,
-        then send, then answer).  The store is in memory: never yet."""
-        return False
+        then send, then answer): with a data directory, whenever there is something to carry
+        out (a send or an answer may show what is not yet on disk)."""
+        return self.persist.enabled and any(
+            isinstance(o, (Call, Respond, Persist)) for o in outputs
+        )
 
     async def _carry_out_durably(self, outputs: list[Output]) -> None:
         await self._durable(outputs)
         self._send_and_answer(outputs)
 
     async def _durable(self, outputs: list[Output]) -> None:
-        """Wait until what the core changed so far is on disk (nothing to do in memory)."""
+        """Wait until what the core changed so far is on disk."""
+        if any(isinstance(o, Persist) and o.state for o in outputs):
+            self.persist.state_dirty = True  # the view or custody changed: snapshot it
+        await self.durable()
+
+    async def durable(self) -> None:
+        """Return once every change made so far is on disk (at once without a data dir)."""
+        if self.persist.enabled:
+            await self.persist.commit(self.replica)
+
+    def recovered(self) -> None:
+        """The data directory is loaded (or there is none): the core takes it from here."""
+        self._step(self.core.recovered, *self._now())
 
     def _send_and_answer(self, outputs: list[Output]) -> None:
         for out in outputs:

@@ -50,6 +50,7 @@ class Core:
         )
         self.stats = NodeStats()  # counters /metrics reads
         self.installs = 0  # views installed so far
+        self.tombstones_collected = 0
         self.born: float | None = None  # time of the first input: this incarnation began
         self._changed = False  # data changed since the waiters last looked
         self._stabler = False  # peers confirmed more of our stream: tokens shrink
@@ -59,6 +60,7 @@ class Core:
         self.replication = Replication(self)
         self.changes = ViewChanges(self)
         self.changes.start()
+        self.replication.start()
 
     # ================================================================ inputs
     def request(self, rid: int, req: Request, now: float, wall_ms: int) -> list[Output]:
@@ -100,6 +102,13 @@ class Core:
     def tick(self, now: float, wall_ms: int) -> list[Output]:
         self._at(now, wall_ms)
         self.k.fire_due()
+        return self._ready()
+
+    def recovered(self, now: float, wall_ms: int) -> list[Output]:
+        """The replica was loaded from a data directory (or there was none): serve the view
+        it recorded, retry what was pending, resume a change that was under way."""
+        self._at(now, wall_ms)
+        self.changes.recovered()
         return self._ready()
 
     def resync(self, now: float, wall_ms: int) -> list[Output]:

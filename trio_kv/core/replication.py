@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..messages import SyncBatch, SyncReply, WireError, dumps, loads
+from ..tombstones import collect, horizon
 from ..view import Member
 from .events import Answer, Failed, Outcome
 from .kernel import Timer
@@ -40,6 +41,24 @@ class Replication:
     def __init__(self, core: Core) -> None:
         self.core = core
         self.senders: dict[int, Sender] = {}
+
+    def start(self) -> None:
+        self.core.k.after(0.0, self._collect)
+
+    def _collect(self) -> None:
+        """Every ``tombstone_interval``: forget the deletes ``tombstones.collectable`` allows
+        (every replica has them, no custody pending, older than ``tombstone_grace``)."""
+        core, cfg = self.core, self.core.config
+        grace_ms, now = int(cfg.tombstone_grace * 1000), core.k.wall_ms
+        replica = core.replica
+        replica.collect_horizon = max(replica.collect_horizon, horizon(now, grace_ms))
+        settled = not core.changes.changing and core.changes.progress.state == "idle"
+        keys = collect(replica, now, grace_ms, settled)
+        if keys:
+            core.tombstones_collected += len(keys)
+            core.k.log(logging.DEBUG, f"node {core.node_id}: collected {len(keys)} tombstones")
+            core.notify()  # persisted with the next commit
+        core.k.after(cfg.tombstone_interval, self._collect)
 
     def restart(self) -> None:
         """New senders for the peers of the view just installed."""

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .core import Core
 
 MAX_QUEUED = 16  # views waiting for the coordinator; more get 503
+RESUMED = 0  # the request id of a change resumed after a restart (no client waits for it)
 
 
 @dataclass
@@ -73,6 +74,20 @@ class ViewChanges:
 
     def start(self) -> None:
         self.core.k.after(self.core.config.fence_probe_interval, self._probe)
+
+    def recovered(self) -> None:
+        """After a restart from a data directory: serve its view, retry what is pending, and
+        resume a change that was under way (nobody waits for its answer)."""
+        core = self.core
+        view, target = core.replica.view, core.replica.custody.target
+        if view is not None:
+            core.view_installed()
+            self._finish_progress()
+            self._next()
+        if target is not None and (view is None or target.view_id != view.view_id):
+            core.k.log(logging.INFO,
+                       f"node {core.node_id}: resuming the change to view {target.view_id}")
+            self.put_view(RESUMED, target)
 
     # ------------------------------------------------------------ PUT /view
     def put_view(self, rid: int, view: View) -> None:
