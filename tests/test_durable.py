@@ -51,7 +51,8 @@ async def test_values_tombstones_deps_clock_and_view_state_survive_a_reopen(tmp_
         replica.write("x", None, {}, 1000)  # tombstone
         replica.merge([("z", Entry(Version(99 << 16, 2), "3", {}))])
         pulls = replica.begin_change(old, new, True)  # a change under way, with pulls
-        replica.fence(parse_view(_view({"A": [2], "B": [1, 3]})), [(old, "A")])
+        fencing = parse_view(_view({"A": [2], "B": [1, 3]}))
+        replica.custody.fence(fencing, [(old, "A")], replica.view)
         p.state_dirty = True
         await p.commit(replica)
         nursery.cancel_scope.cancel()
@@ -135,7 +136,7 @@ def test_pulled_report_roundtrips_through_snapshot():
     r = Replica(3, "3.a")
     pulls = r.begin_change(old, new, False)
     assert pulls
-    r.pulled(pulls[0], Report(old, "A"))
+    r.custody.pulled(pulls[0], Report(old, "A"))
     back = Replica(3, "3.b")
     snapshot.restore(back, snapshot.dump(r), 128)
     assert snapshot.dump(back) == snapshot.dump(r)
