@@ -11,14 +11,48 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+from .. import snapshot
+from ..clock import Version
 from ..config import Config
 from ..core import Answer, Call, Cancel, Core, Failed, Outcome, Output, Reply, Request, Respond
 from ..core.forwarding import BUDGET_HEADER, HOPS_HEADER, RETRY_HEADER, WRITE_ID_HEADER
 from ..messages import WireError, dumps, loads
-from ..metadata import MetadataError, parse_metadata
+from ..metadata import Deps, MetadataError, parse_metadata
+from ..store import Entry
 
 BASE_WALL_MS = 1_700_000_000_000  # the simulated wall clock starts here (plus each skew)
 CONNECT_TIMEOUT = 1.0  # a cut link: the caller learns after this that nothing was sent
+
+
+@dataclass
+class Disk:
+    """What a node's data directory holds (``persist.py``), captured whenever the node
+    carries out decisions: the simulated shell commits before it sends or answers."""
+
+    entries: dict[str, tuple[Version, str | None, Deps]]
+    hlc: int
+    state: bytes  # snapshot.dump, encoded
+    applied: list[tuple[tuple[str, bytes], Reply]]
+
+    @classmethod
+    def capture(cls, core: Core) -> Disk:
+        replica = core.replica
+        return cls(
+            {k: (e.version, e.value, dict(e.deps)) for k, e in replica.store.entries.items()},
+            replica.clock.last, dumps(snapshot.dump(replica)),
+            list(core.requests.applied.items())[-core.config.dedup_entries:],
+        )
+
+    def load(self, core: Core) -> None:
+        """Into a new incarnation's core, as ``Persister.open`` and ``recover`` do."""
+        replica = core.replica
+        for key, (version, value, deps) in self.entries.items():
+            replica.store.put(key, Entry(version, value, deps))
+            replica.clock.observe(version.hlc)
+        replica.clock.observe(self.hlc)
+        snapshot.restore(replica, loads(self.state), core.config.vnodes)
+        for ident, reply in self.applied:
+            core.requests.applied[ident] = reply
 
 
 @dataclass
@@ -32,6 +66,8 @@ class SimNode:
     wake_at: float | None = None
     rid: int = 0
     owners: dict[int, Callable[[Reply], None]] = field(default_factory=dict)
+    disk: Disk | None = None  # a durable node's data directory (None: memory only)
+    durable: bool = False
 
 
 @dataclass
@@ -115,6 +151,8 @@ class Network:
         self.carry_out(node, fn(*args, self.now, self.wall(node)))
 
     def carry_out(self, node: SimNode, outputs: list[Output]) -> None:
+        if node.durable and outputs:
+            node.disk = Disk.capture(node.core)  # persist, then send, then answer
         for out in outputs:
             if isinstance(out, Call):
                 self._send(node, out)
@@ -128,13 +166,13 @@ class Network:
                     owner(out.reply)
         wake = node.core.next_wake()
         if wake is not None and (node.wake_at is None or wake < node.wake_at):
-            node.wake_at = wake
+            node.wake_at = wake = max(wake, self.now)
             incarnation = node.incarnation
-            self.at(wake, lambda: self._tick(node, incarnation))
+            self.at(wake, lambda: self._tick(node, incarnation, wake))
 
-    def _tick(self, node: SimNode, incarnation: int) -> None:
-        if node.incarnation != incarnation or not node.up:
-            return
+    def _tick(self, node: SimNode, incarnation: int, at: float) -> None:
+        if node.incarnation != incarnation or not node.up or node.wake_at != at:
+            return  # superseded by an earlier wake-up, or the node died
         node.wake_at = None
         self.feed(node, node.core.tick)
 

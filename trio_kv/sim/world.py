@@ -28,6 +28,8 @@ MODES: dict[str, list[str]] = {
     # views sent to one node at a time, not waiting: nodes on different views meanwhile
     "staggered": [*FAULTS, "view", "view-to-one"],
     "restarts": [*FAULTS, "view", "restart"],
+    # durable nodes (a simulated data directory) killed at any moment and restarted from it
+    "crashes": [*FAULTS, "view", "view-to-one", "crash"],
 }
 VIEWS = [
     {"A": [1, 2], "B": [3, 4]},
@@ -69,11 +71,13 @@ class World:
         self.net = Network(random.Random(self.rng.getrandbits(64)), self.config, self.trace)
         self.history = History(clock=lambda: self.net.now)
         self.issued = 0
+        self.answered = 0
         self.view_shards: dict[str, list[int]] = VIEWS[0]
-        skewed = mode in ("restarts", "staggered")
+        skewed = mode in ("restarts", "staggered", "crashes")
         for i in range(1, NODES + 1):
             skew = self.rng.randrange(-2000, 2001) if skewed else self.rng.randrange(-50, 51)
             node = SimNode(i, f"10.0.0.{i}:8081", self._core(i, 0), skew)
+            node.durable = mode == "crashes"
             self.net.add(node)
 
     def _core(self, node_id: int, incarnation: int) -> Core:
@@ -142,6 +146,7 @@ class World:
         self.net.after(rnd.uniform(0, 0.1), step)
 
     def _record(self, op: Op, reply: Reply | None, meta: list[Any]) -> None:
+        self.answered += 1
         write = op.kind != "get"
         if reply is None:
             self.history.finish(op, status=None, outcome="info" if write else "fail",
@@ -198,6 +203,8 @@ class World:
             return self.put_view(rnd.choice(VIEWS), ids, again)
         elif action == "restart":
             return self.restart(rnd.choice(ids), again)
+        elif action == "crash":
+            self.crash(rnd.choice(ids), rnd.uniform(0.05, 3))
         again()
 
     def heal(self) -> None:
@@ -225,16 +232,41 @@ class World:
                 then()
             return
         self.trace.add(self.net.now, f"restart {node_id}")
-        for owner in list(node.owners.values()):
-            owner_reply = owner
-            self.net.after(0.001, lambda o=owner_reply: o(  # type: ignore[misc]
-                Reply(503, {"error": "connection reset"})))
-        node.owners.clear()
+        self._drop_clients(node)
         node.incarnation += 1
         node.core = self._core(node_id, node.incarnation)
         node.wake_at = None
         self.net.feed(node, node.core.tick)
         self.net.after(0.5, lambda: self.put_view(self.view_shards, [node_id], then))
+
+    def crash(self, node_id: int, down: float) -> None:
+        """Kill a durable node at once (its memory is lost, its data directory is not), keep
+        it down for ``down`` seconds, then start a new incarnation from its data directory."""
+        node = self.net.nodes[node_id]
+        self.trace.add(self.net.now, f"crash {node_id} for {down!r}")
+        self._drop_clients(node)
+        node.up = False
+        node.incarnation += 1
+
+        def start() -> None:
+            self.trace.add(self.net.now, f"start {node_id}")
+            node.core = self._core(node_id, node.incarnation)
+            if node.disk is not None:
+                node.disk.load(node.core)
+            node.up = True
+            node.wake_at = None
+            self.net.feed(node, node.core.recovered)
+            if node.core.replica.view is None and node.core.replica.custody.target is None:
+                self.put_view(self.view_shards, [node_id])  # it never had one: the operator
+
+        self.net.after(down, start)
+
+    def _drop_clients(self, node: SimNode) -> None:
+        """Requests in flight at a node that dies: their connections reset."""
+        for owner in list(node.owners.values()):
+            self.net.after(0.001, lambda o=owner: o(  # type: ignore[misc]
+                Reply(503, {"error": "connection reset"})))
+        node.owners.clear()
 
     # ------------------------------------------------------------ the run
     def run(self) -> SimResult:
@@ -245,7 +277,7 @@ class World:
             self.client(f"c{c}", random.Random(self.rng.getrandbits(64)))
         net.after(self.rng.uniform(0.5, 2), self.nemesis)
         net.run_until(lambda: self.issued >= self.target, 1e9)
-        net.run_until(lambda: all(op.end > 0 for op in self.history), net.now + 200)
+        net.run_until(lambda: self.answered == self.issued, net.now + 200)
         self.heal()
         final_view = self.rng.choice(VIEWS)
         installed: list[bool] = []
