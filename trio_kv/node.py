@@ -107,6 +107,7 @@ class Node:
         self._waiters: dict[int, _Waiter] = {}
         self._scopes: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._stopped = False
         self._wake = trio.Event()
         self._sleeping_until = math.inf
 
@@ -159,6 +160,10 @@ class Node:
                 task_status.started()
         finally:
             self._nursery = None
+            self._stopped = True
+            for waiter in self._waiters.values():  # the core that would answer them is gone
+                waiter.reply = Reply(503, {"error": "this node is shutting down"})
+                waiter.done.set()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 for client in self._clients.values():
                     await client.aclose()
@@ -266,6 +271,8 @@ class Node:
     async def _ask(self, start: Callable[[int], list[Output]]) -> Reply:
         """Hand a request to the core and wait for its answer; a client that goes away
         takes its request out of the core."""
+        if self._stopped:
+            return Reply(503, {"error": "this node is shutting down"})
         rid = next(self._rids)
         waiter = self._waiters[rid] = _Waiter()
         try:
