@@ -26,6 +26,7 @@ from .messages import (
     WireRules,
 )
 from .replica import Replica
+from .stats import NodeStats
 from .store import Entry
 from .transport import PeerClient, PeerUnavailable
 from .view import Member, View
@@ -69,6 +70,7 @@ class ViewChanges:
     replica: Replica
     sync_client: PeerClient
     progress: ChangeProgress
+    stats: NodeStats
     _installs: int
     _ready: trio.Event
     _view_installed: trio.Event
@@ -181,6 +183,7 @@ class ViewChanges:
                     nursery.start_soon(self._hand_off, new)
             self.replica.install_view(new)
             self._installs += 1
+            self.stats.view_changes += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
         finally:
