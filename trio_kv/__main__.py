@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"trio-kv: {exc}", file=sys.stderr)
         sys.exit(2)
     if config.node_id is None:
-        sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
+        print("trio-kv: error: --id: a node id is required (--id N or NODE_IDENTIFIER=N)",
+              file=sys.stderr)
+        sys.exit(2)
     trio.run(serve, config)
 
 
