@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NODES ?= 6
 SHARDS ?= 2
+PORT ?= 8081
 
 .PHONY: cluster test lint unit bench clean
 
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 cluster:  ## start a local multi-node cluster as plain processes (Ctrl-C stops it)
-	python3 devenv.py -n $(NODES) --shards $(SHARDS)
+	python3 devenv.py -n $(NODES) --shards $(SHARDS) --base-port $(PORT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check trio_kv tests chaos bench devenv.py

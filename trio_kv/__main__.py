@@ -1,39 +1,53 @@
-"""``python -m trio_kv`` / ``trio-kv``: run one node until SIGTERM or SIGINT."""
+"""``python -m trio_kv`` / ``trio-kv``: run one node, or (with a command) be a client.
+
+``python -m trio_kv [serve] --id 1 --port 8081`` runs a node until SIGTERM or SIGINT, as
+containers and tests start it; ``python -m trio_kv put|get|delete|ls|view|status ...`` is
+the command-line client (``trio_kv.cli``).
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
 import trio
 
+from .cli import COMMANDS
 from .config import load_config
+from .logs import configure
 from .persist import MODES
 from .server import serve
 from .storage import StorageError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = load_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s node{config.node_id} %(name)s %(levelname)s %(message)s",
-    )
-    for noisy in ("httpx", "httpcore"):  # one line per peer request: too costly and too loud
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        from .cli import run
+
+        sys.exit(run(args))
+    if args and args[0] == "serve":
+        args = args[1:]
+    config = load_config(args)
+    try:
+        configure(config)
+    except ValueError as exc:
+        print(f"trio-kv: {exc}", file=sys.stderr)
+        sys.exit(2)
     if config.node_id is None:
-        sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
-    if config.durability not in MODES:
-        print(f"trio-kv: durability: {config.durability!r} is not one of {', '.join(MODES)}",
+        print("trio-kv: error: --id: a node id is required (--id N or NODE_IDENTIFIER=N)",
               file=sys.stderr)
+        sys.exit(2)
+    if config.durability not in MODES:
+        print(f"trio-kv: error: --durability: {config.durability!r} is not one of "
+              f"{', '.join(MODES)}", file=sys.stderr)
         sys.exit(2)
     try:
         trio.run(serve, config)
     except* StorageError as group:
         # A damaged data directory is never served as an empty store: stop, naming the file.
-        for exc in _leaves(group):
-            print(f"trio-kv: cannot start: {exc}", file=sys.stderr)
+        for leaf in _leaves(group):
+            print(f"trio-kv: cannot start: {leaf}", file=sys.stderr)
         sys.exit(3)
 
 

@@ -12,6 +12,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 import trio
 from starlette.applications import Starlette
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -20,9 +21,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Config
+from .listing import PageError, parse_page
 from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
+from .metrics import CONTENT_TYPE, registry_for, render
 from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
+from .observe import ObserveMiddleware, RequestStats
+from .openapi import SPEC
 from .persist import PersistFailed
 from .transport import SECRET_HEADER
 from .view import ViewError, parse_view
@@ -32,6 +37,16 @@ log = logging.getLogger("trio_kv.api")
 METADATA_FIELD = "causal-metadata"
 METADATA_HEADER = "x-causal-metadata"
 _NO_BODY = object()
+
+
+class _KeyConvertor(PathConvertor):
+    """Starlette's ``path`` is ``.*``, which stops at a newline: a key holding ``%0A`` got
+    404 "no such endpoint".  ``_key_of`` reads the key from the raw path anyway."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("kvkey", _KeyConvertor())
 
 
 class ApiError(Exception):
@@ -202,14 +217,28 @@ def build_app(node: Node) -> Starlette:
         return _reply(reply)
 
     async def data_all(request: Request) -> Response:
+        try:
+            page = parse_page(request.query_params, cfg.max_page_items, cfg.max_key_bytes)
+        except PageError as exc:
+            raise ApiError(400, str(exc)) from exc
         body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         hops, budget, _ = _node_headers(request, cfg, secret)
         deps = _metadata(request, body, node)
-        reply = await node.data("GET", None, deps, None, hops, budget)
+        reply = await node.data("GET", None, deps, None, hops, budget, page=page)
         await node.durable()
         return _reply(reply)
+
+    requests = RequestStats()
+    registry = registry_for(node, requests)
+    openapi = orjson.dumps(SPEC)
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE)
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi, media_type="application/json")
 
     async def view(request: Request) -> Response:
         if request.method == "GET":
@@ -262,15 +291,20 @@ def build_app(node: Node) -> Starlette:
     routes = [
         Route("/ping", ping, methods=["GET"]),
         Route("/data", data_all, methods=["GET"]),
-        Route("/data/{key:path}", data_key, methods=["GET", "PUT", "DELETE"]),
+        Route("/data/{key:kvkey}", data_key, methods=["GET", "PUT", "DELETE"]),
         Route("/view", view, methods=["GET", "PUT"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/internal/sync", _internal(node.on_sync), methods=["POST"]),
         Route("/internal/handoff", _internal(node.on_handoff), methods=["POST"]),
         Route("/internal/pull", _internal(node.on_pull), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(HeaderLimit, limit=cfg.max_header_bytes)],
+        # outermost first: every answer, a 431 too, is counted and carries its request id
+        middleware=[Middleware(ObserveMiddleware, stats=requests,
+                               max_id_bytes=cfg.max_request_id_bytes, access=cfg.access_log),
+                    Middleware(HeaderLimit, limit=cfg.max_header_bytes)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

@@ -67,6 +67,11 @@ class Config:
     read_timeout: float = 10.0  # seconds a client may take to send a request body
     shutdown_grace: float = 5.0
     log_level: str = "info"
+    log_format: str = "auto"  # json | text | auto (text on a terminal, JSON otherwise)
+    access_log: bool = False  # one log line per HTTP request
+    # client conveniences
+    max_page_items: int = 1000  # GET /data?limit= at most this
+    max_request_id_bytes: int = 128
     # Allocations between young-generation GC passes (Python's default: 700).  Refcounting frees
     # almost everything a request makes; frequent passes only cost latency (bench, 1x3 PUT:
     # p99/p50 3.0-3.3 at 700, 1.6-1.9 at 20,000).  0 keeps Python's default.
@@ -87,6 +92,8 @@ class Config:
             raise ConfigError("port", f"{self.port} is not a TCP port")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS).lower()}")
+        if self.log_format not in _LOG_FORMATS:
+            raise ConfigError("log_format", f"must be one of {', '.join(_LOG_FORMATS)}")
         largest_entry = 6 * (self.max_value_bytes + self.max_key_bytes) + self.max_token_bytes
         need = max(self.batch_bytes, self.handoff_batch_bytes, largest_entry) + (64 << 10)
         if self.max_peer_message_bytes < need:
@@ -115,6 +122,7 @@ class ConfigError(ValueError):
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_FORMATS = ("auto", "json", "text")
 _NON_NEGATIVE = {"gc_gen0_threshold", "shutdown_grace", "replication_linger"}
 _POSITIVE = {
     "max_value_bytes", "max_key_bytes", "max_request_bytes", "max_header_bytes",
@@ -124,6 +132,7 @@ _POSITIVE = {
     "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
     "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
     "handoff_retry_interval", "fence_probe_interval", "keep_alive_timeout", "read_timeout",
+    "max_page_items", "max_request_id_bytes",
 }
 
 
@@ -133,6 +142,12 @@ _SHORT = {"node_id": "--id"}
 
 def _convert(field_type: object, raw: str) -> object:
     text = str(field_type)
+    if text in ("bool", "<class 'bool'>"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{raw!r} is not true or false")
     try:
         if "int" in text and "None" in text:
             return int(raw) if raw else None
@@ -152,6 +167,24 @@ def _fail(setting: str, problem: str) -> NoReturn:
     sys.exit(2)
 
 
+def build_parser(prog: str = "trio-kv [serve]") -> argparse.ArgumentParser:
+    """One flag per Config field, each with a sentence, its unit, default and variable."""
+    from .config_help import describe
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run one trio-kv node (see README.md and docs/API.md).",
+        epilog="Client commands: trio-kv put|get|delete|ls|view|status --help.",
+    )
+    for f in fields(Config):
+        flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
+        env = f"KV_{f.name.upper()}" + (f" or {_ALIASES[f.name]}" if f.name in _ALIASES else "")
+        parser.add_argument(
+            flag, dest=f.name, default=None, metavar=f.name.upper(),
+            help=f"{describe(f.name)} Default {f.default!r}; env {env}.",
+        )
+    return parser
+
+
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Defaults, then environment, then command line."""
     env = os.environ if env is None else env
@@ -165,16 +198,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
                 except ValueError as exc:
                     _fail(name, str(exc))
                 sources[f.name] = name
-    parser = argparse.ArgumentParser(
-        prog="trio-kv", description="Run one trio-kv node (see README.md and API.md)."
-    )
-    for f in fields(Config):
-        flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
-        parser.add_argument(
-            flag, dest=f.name, default=None, metavar=f.name.upper(),
-            help=f"default {f.default!r}; env KV_{f.name.upper()}"
-            + (f" or {_ALIASES[f.name]}" if f.name in _ALIASES else ""),
-        )
+    parser = build_parser()
     args = parser.parse_args(argv)
     for f in fields(Config):
         raw = getattr(args, f.name)

@@ -22,10 +22,12 @@ from urllib.parse import quote
 import trio
 
 from .config import Config
+from .listing import Page, gather, page_of
 from .messages import SyncBatch, SyncReply, WireError, WireRules, dumps
 from .metadata import Deps, TokenRules, render_metadata
 from .recovery import AppliedAnswers, Durable
 from .replica import Replica, ReplicaLimits
+from .stats import NodeStats
 from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
 from .view import Member
 from .viewchange import ChangeProgress, ViewChanges, _ViewRequest
@@ -131,6 +133,7 @@ class Node(Durable, ViewChanges):
         self._applied: OrderedDict[tuple[str, bytes], Reply] = AppliedAnswers(self._persister())
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self.started = trio.Event()
+        self.stats = NodeStats()  # read by /metrics at scrape time
 
     # ================================================================ services
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -249,6 +252,7 @@ class Node(Durable, ViewChanges):
             self._observe_epoch(peer.id, reply.epoch, reply.view_id)
             if self.replica.on_sync_reply(peer.id, reply):
                 self._claims_advanced()
+            self.stats.synced("sent", len(batch.entries))
             if not reply.accepted:
                 await trio.sleep(cfg.gossip_interval * random.uniform(0.5, 1.5))
                 continue
@@ -276,6 +280,7 @@ class Node(Durable, ViewChanges):
         self._observe_epoch(batch.sender, batch.epoch, batch.view_id)
         claimed = self.replica.claims.get(batch.sender, 0)
         reply, changed = self.replica.on_sync(batch)
+        self.stats.synced("received", len(batch.entries))
         if self.replica.claims.get(batch.sender, 0) > claimed:
             self._claims_advanced()
         if changed:
@@ -292,8 +297,10 @@ class Node(Durable, ViewChanges):
         hops: int = 0,
         budget: float | None = None,
         write_id: str | None = None,
+        page: Page | None = None,
     ) -> Reply:
-        """Serve or forward one client data request (``key`` None means ``GET /data``).
+        """Serve or forward one client data request (``key`` None means ``GET /data``,
+        all of it, or one ``page`` of it).
 
         ``write_id`` names a forwarded write: a retry of one already answered gets the same
         answer instead of being applied again.
@@ -306,8 +313,9 @@ class Node(Durable, ViewChanges):
             if (done := self._applied.get(dedup)) is not None:
                 return done
         try:
-            reply = await self._data(method, key, deps, value, hops, budget)
+            reply = await self._data(method, key, deps, value, hops, budget, page)
         except TooManyWaiting:
+            self.stats.waits_refused += 1
             return error(
                 503, f"too many requests already waiting here (max_waiting="
                 f"{self.config.max_waiting}); try again shortly", deps,
@@ -326,6 +334,7 @@ class Node(Durable, ViewChanges):
         value: str | None,
         hops: int,
         budget: float | None,
+        page: Page | None = None,
     ) -> Reply:
         cfg = self.config
         wait = cfg.wait_deadline if budget is None else max(0.0, min(budget, cfg.wait_deadline))
@@ -337,8 +346,8 @@ class Node(Durable, ViewChanges):
             installs = self._installs
             if replica.view is None:
                 return error(503, "no view has been set on this node yet", deps)
-            if replica.shard is None:
-                return error(503, "this node is not part of the current view", deps)
+            if key is None and replica.shard is None:  # a routing node: ask every shard
+                return await gather(self, deps, page, hops, deadline)
             if key is not None and not replica.owns(key):
                 if hops >= cfg.max_hops:
                     return error(503, "request forwarded too many times; views disagree", deps)
@@ -365,10 +374,12 @@ class Node(Durable, ViewChanges):
                     )
                 continue
             if method != "PUT" and not ready():
-                if not await self._wait_for(lambda: moved() or ready(), deadline):
+                began = trio.current_time()
+                met = await self._wait_for(lambda: moved() or ready(), deadline)
+                if not self.stats.waited(trio.current_time() - began, met):
                     return self._deps_timeout(deps, wait)
                 continue
-            reply = self._serve_locally(method, key, deps, value)
+            reply = self._serve_locally(method, key, deps, value, page)
             if reply is not None:
                 return reply
             # The answer's token would be over the limits: wait for replication to make some
@@ -380,11 +391,14 @@ class Node(Durable, ViewChanges):
                 return self._token_full(deps)
 
     def _serve_locally(
-        self, method: str, key: str | None, deps: Deps, value: str | None
+        self, method: str, key: str | None, deps: Deps, value: str | None,
+        page: Page | None = None,
     ) -> Reply | None:
         """Answer from this replica: ownership and dependencies were checked with no await
         since.  None (and nothing changed) when the answer's token would exceed the limits."""
         replica = self.replica
+        if key is None and page is not None:
+            return page_of(self, deps, page)
         if key is None:
             items, out = replica.items(deps)
             if not self.token_rules.fits(out):
@@ -423,16 +437,18 @@ class Node(Durable, ViewChanges):
         )
 
     async def _forward(
-        self, method: str, key: str, deps: Deps, value: str | None, hops: int, deadline: float
+        self, method: str, key: str | None, deps: Deps, value: str | None, hops: int,
+        deadline: float, shard: str = "", query: str = "",
     ) -> Reply:
-        """Try the owning shard's replicas in turn until one answers or the deadline passes."""
+        """Try the owning shard's replicas in turn until one answers or the deadline passes
+        (``key`` None: ``GET /data`` + ``query`` of the named ``shard``)."""
         cfg = self.config
         view = self.replica.view
         assert view is not None
-        fenced_to = self.replica.fence_for(key)
+        fenced_to = self.replica.fence_for(key) if key is not None else None
         if fenced_to is not None:
             view = fenced_to  # a newer owner pulled this key from us
-        shard = view.shard_for(key)
+        shard = view.shard_for(key) if key is not None else shard
         replicas = self._forward_order(
             tuple(m for m in view.shards[shard] if m.id != self.node_id)
         )
@@ -442,7 +458,7 @@ class Node(Durable, ViewChanges):
         if value is not None:
             body["value"] = value
         content = dumps(body)
-        path = "/data/" + key_path_segment(key)
+        path = "/data/" + key_path_segment(key) if key is not None else "/data" + query
         headers = {HOPS_HEADER: str(hops + 1)}
         if method != "GET":
             # A write may reach a replica whose answer is then lost. Sent again elsewhere it
@@ -485,6 +501,7 @@ class Node(Durable, ViewChanges):
             ):
                 continue  # that replica could not serve yet; another one may
             return Reply(resp.status, raw=resp.body)
+        self.stats.forward_gave_up += 1
         if sticky is not None:
             return error(
                 503, f"shard {shard}: replica {sticky.id} stopped answering after the write was "

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import trio
 
 from .messages import dumps, loads
+from .observe import REQUEST_ID, REQUEST_ID_HEADER
 
 log = logging.getLogger("trio_kv.transport")
 
@@ -32,6 +33,26 @@ TransportFactory = Callable[[httpx.Limits], httpx.AsyncBaseTransport]
 
 def real_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+
+
+def route_of(path: str) -> str:
+    """A bounded label for a peer call's path: ``/data/<key>`` is ``/data/{key}``."""
+    if path.startswith("/data/"):
+        return "/data/{key}"
+    return path.split("?", 1)[0]
+
+
+@dataclass(slots=True)
+class PeerStats:
+    """Per route of peer calls: calls made, failures, bytes each way (read by /metrics)."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+
+    def add(self, table: dict[str, int], route: str, n: int = 1) -> None:
+        table[route] = table.get(route, 0) + n
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +106,7 @@ class PeerClient:
         self._connect_timeout = connect_timeout
         self._pools: dict[str, httpx.AsyncBaseTransport] = {}
         self._headers = {SECRET_HEADER: secret} if secret else {}
+        self.stats = PeerStats()
 
     def _pool_for(self, address: str) -> httpx.AsyncBaseTransport:
         """One pool per peer: httpcore scans every pooled connection on each request, so a
@@ -113,12 +135,30 @@ class PeerClient:
         """One call to ``address``, bounded by ``timeout`` seconds in all; retried once if a
         kept-alive connection was closed under us (the request never reached the app)."""
         hdrs = {**self._headers, **(headers or {})}
+        if (request_id := REQUEST_ID.get()) is not None:
+            hdrs[REQUEST_ID_HEADER] = request_id  # one id follows a request through nodes
         if content is not None:
             hdrs.setdefault("content-type", "application/json")
         url = f"http://{address}{path}"
         # Each call is its own borrower: in-process (ASGITransport) a forwarded request that
         # comes back to this node runs in the same task as the call that sent it.
         borrower = object()
+        stats, route = self.stats, route_of(path)
+        stats.add(stats.calls, route)
+        if content:
+            stats.add(stats.bytes_sent, route, len(content))
+        try:
+            resp = await self._request(address, method, url, content, hdrs, timeout, borrower)
+        except PeerUnavailable:
+            stats.add(stats.failures, route)
+            raise
+        stats.add(stats.bytes_received, route, len(resp.body))
+        return resp
+
+    async def _request(
+        self, address: str, method: str, url: str, content: bytes | None,
+        hdrs: dict[str, str], timeout: float, borrower: object,
+    ) -> PeerResponse:
         with trio.move_on_after(timeout):
             await self.limiter.acquire_on_behalf_of(borrower)
             try:

@@ -27,6 +27,7 @@ from .messages import (
 )
 from .persist import Persister
 from .replica import Replica
+from .stats import NodeStats
 from .store import Entry
 from .transport import PeerClient, PeerUnavailable
 from .view import Member, View
@@ -70,6 +71,7 @@ class ViewChanges:
     replica: Replica
     sync_client: PeerClient
     progress: ChangeProgress
+    stats: NodeStats
     _installs: int
     _ready: trio.Event
     _view_installed: trio.Event
@@ -192,6 +194,7 @@ class ViewChanges:
             with trio.CancelScope(shield=True):
                 await self.durable()  # a restart rejoins this view, no PUT /view needed
             self._installs += 1
+            self.stats.view_changes += 1
             self._view_installed.set()
             self._view_installed = trio.Event()
         finally:

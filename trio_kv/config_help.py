@@ -1,0 +1,76 @@
+"""One sentence per ``Config`` field, with its unit, for ``--help`` and docs/API.md.
+
+Kept apart from ``config.py`` so that adding a field and describing it are separate edits;
+a test checks that every field is described.
+"""
+
+from __future__ import annotations
+
+HELP: dict[str, str] = {
+    "node_id": "This node's id (an integer); it finds its own address in the view by it.",
+    "host": "Address to listen on (IP or host name).",
+    "port": "TCP port to listen on.",
+    "cluster_secret": "Shared secret (text) that PUT /view and /internal/ routes require in "
+    "X-KV-Secret; empty means none.",
+    "max_value_bytes": "Largest value accepted, in bytes of UTF-8; larger gets 413.",
+    "max_key_bytes": "Longest key accepted, in bytes of UTF-8; longer gets 400.",
+    "max_request_bytes": "Largest request body accepted, in bytes; larger gets 413.",
+    "max_header_bytes": "Largest request head (request line and headers), in bytes; larger "
+    "gets 431.",
+    "max_token_deps": "Most dependencies one causal-metadata token may hold, in or out (a "
+    "count); more gets 400.",
+    "max_token_bytes": "Largest causal-metadata token, in bytes of encoded JSON, in or out; "
+    "larger gets 400.",
+    "max_clock_skew": "How far a timestamp may run ahead of this node's wall clock, in "
+    "seconds; further gets 400 (from a client) or is refused (from a peer).",
+    "max_peer_message_bytes": "Largest /internal/ request or peer answer, in bytes.",
+    "max_view_nodes": "Most nodes (and shards) one view may name (a count).",
+    "wait_deadline": "Longest a request waits for causal dependencies, a view change or "
+    "forwarding retries, in seconds; then 503.",
+    "max_waiting": "Most requests parked in waits at once (a count); more get 503.",
+    "gossip_interval": "Retry period towards an unreachable peer, in seconds.",
+    "heartbeat_interval": "Period of the idle summary exchange between replicas, in seconds.",
+    "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
+    "batch_entries": "Most entries in one replication batch (a count).",
+    "batch_bytes": "Most bytes of entries in one replication batch, in bytes.",
+    "connect_timeout": "Longest wait to open a connection to a peer, in seconds.",
+    "peer_timeout": "Longest one replication or handoff call may take, in seconds.",
+    "forward_attempt_timeout": "Longest one forwarded request to one replica may take, in "
+    "seconds.",
+    "forward_concurrency": "Most forwarded requests in flight from this node (a count).",
+    "forward_retry_after": "How long a replica that failed a forward is tried last, in "
+    "seconds.",
+    "max_hops": "Most forwards of one request between nodes that disagree on the view (a "
+    "count).",
+    "dedup_entries": "Answers to forwarded writes remembered to deduplicate retries (a count).",
+    "vnodes": "Virtual nodes per shard on the hash ring (a count); every node must agree.",
+    "view_change_deadline": "Longest a view change waits for handoffs and pulls before it "
+    "serves the new view, in seconds.",
+    "put_view_timeout": "Longest a PUT /view waits for the change before answering 503, in "
+    "seconds.",
+    "handoff_batch_bytes": "Most bytes of entries in one handoff batch or pull page, encoded, "
+    "in bytes.",
+    "handoff_batch_entries": "Most entries in one handoff or pull page (a count).",
+    "handoff_retry_interval": "Longest pause between retries of unfinished handoffs and pulls, "
+    "in seconds.",
+    "fence_probe_interval": "While fenced, how often to ask the fencing shard which view it "
+    "serves, in seconds.",
+    "keep_alive_timeout": "How long an idle client connection is kept open, in seconds.",
+    "read_timeout": "Longest a client may take to send a request body, in seconds; then the "
+    "connection is dropped.",
+    "shutdown_grace": "How long in-flight requests may finish after SIGTERM, in seconds.",
+    "log_level": "Least severity logged: debug, info, warning or error.",
+    "log_format": "Log lines as json (one object per line), text, or auto (text on a "
+    "terminal, JSON otherwise).",
+    "access_log": "Log one line per HTTP request (method, path, status, seconds, request "
+    "id): true or false.",
+    "max_page_items": "Most items one page of GET /data?limit= may ask for (a count).",
+    "max_request_id_bytes": "Longest X-Request-Id accepted from a client, in bytes; longer "
+    "gets 400.",
+    "gc_gen0_threshold": "Allocations between young-generation garbage collections (a count; "
+    "0 keeps Python's 700).",
+}
+
+
+def describe(name: str) -> str:
+    return HELP.get(name, f"The {name.replace('_', ' ')} setting.")
