@@ -15,7 +15,6 @@ import trio
 from .cli import COMMANDS
 from .config import load_config
 from .logs import configure
-from .persist import MODES
 from .server import serve
 from .storage import StorageError
 
@@ -37,10 +36,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.node_id is None:
         print("trio-kv: error: --id: a node id is required (--id N or NODE_IDENTIFIER=N)",
               file=sys.stderr)
-        sys.exit(2)
-    if config.durability not in MODES:
-        print(f"trio-kv: error: --durability: {config.durability!r} is not one of "
-              f"{', '.join(MODES)}", file=sys.stderr)
         sys.exit(2)
     try:
         trio.run(serve, config)
