@@ -11,6 +11,10 @@ prints the endpoints and a curl line to paste, and tears everything down on Ctrl
 runs, ``python -m chaos partition 1 / 2,3`` (and the other verbs) act on the same cluster from
 another terminal.
 
+Nodes are durable by default: node i keeps its data in ``.devenv-data/<prefix>-n<i>`` (kept
+after Ctrl-C, so the next run comes back with its keys and view); ``--memory`` runs them in
+memory only, ``--data DIR`` moves the data.
+
 The nodes share a random cluster secret (``KV_CLUSTER_SECRET``, printed at start-up): ``PUT
 /view`` and the nodes' internal endpoints need it in ``X-KV-Secret``.  ``--no-secret`` starts
 bare nodes instead (anyone who reaches a port can then change the view).
@@ -85,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-secret", action="store_true",
                         help="bare nodes: no cluster secret (default: a random one)")
     parser.add_argument("--prefix", default="tkv", help="name prefix of what is created")
+    parser.add_argument("--data", default=str(REPO / ".devenv-data"), metavar="DIR",
+                        help="local/netns: node i keeps its data in DIR/<prefix>-n<i> and comes "
+                        "back with it (podman: a volume per container)")
+    parser.add_argument("--memory", action="store_true",
+                        help="run the nodes in memory only (a restart starts empty)")
     parser.add_argument("--no-install", action="store_true",
                         help="use the current interpreter as is (no venv handling)")
     return parser.parse_args(argv)
@@ -117,6 +126,10 @@ def node_env(args: argparse.Namespace) -> dict[str, str]:
 
     env = parse_env(args.env)
     env.setdefault("KV_CLUSTER_SECRET", "" if args.no_secret else secrets.token_hex(16))
+    if args.memory:
+        env.setdefault("KV_DURABILITY", "none")
+    elif args.backend != "podman":  # durable by default (the image's KV_DATA_DIR for podman)
+        env.setdefault("KV_DATA_DIR", str(Path(args.data).resolve() / f"{args.prefix}-n{{id}}"))
     return env
 
 
@@ -131,10 +144,11 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     options = {"base_port": args.base_port} if args.backend == "local" else {}
+    env = node_env(args)
     try:
         started = time.monotonic()
         cluster = Cluster.up(args.nodes, args.shards, backend=args.backend, prefix=args.prefix,
-                             env=node_env(args), **options)
+                             env=env, **options)
     except ChaosError as exc:
         print(f"devenv: {exc}", file=sys.stderr)
         return 1
@@ -161,6 +175,11 @@ def run_cluster(args: argparse.Namespace) -> int:
                   "| heal | kill N | restart N | delay N MS")
         print(f"Logs: {cluster.workdir / 'logs'}" if args.backend != "podman"
               else "Logs: podman logs <prefix>-n<N>")
+        if "KV_DATA_DIR" in env:
+            print(f"Data: {env['KV_DATA_DIR'].replace('{id}', '<N>')} (kept after Ctrl-C; "
+                  "--memory runs without)")
+        elif args.memory:
+            print("Data: in memory only (--memory)")
         print("\nCtrl-C stops the cluster.", flush=True)
         while True:
             time.sleep(1)

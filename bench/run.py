@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import durability
 import netctl
 import procs
 import scenarios as sc
@@ -37,7 +38,7 @@ from report import md_table, text_table
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-ALL = ["ceiling", "single", "1x3", "3x2", "idle", "convergence", "reshard"]
+ALL = ["ceiling", "single", "1x3", "3x2", "idle", "convergence", "reshard", "durability"]
 
 
 def default_python() -> str:
@@ -175,6 +176,7 @@ async def main(a: argparse.Namespace) -> int:
         "idle": sc.idle_and_memory,
         "convergence": sc.convergence,
         "reshard": lambda c: sc.resharding(c, a.reshard_replicas),
+        "durability": durability.durability,
     }
     if any(s != "ceiling" for s in wanted) and "ceiling" not in wanted:
         wanted.insert(0, "ceiling")  # every run measures the ceiling (ratios need it)

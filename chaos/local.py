@@ -115,6 +115,8 @@ class LocalBackend(ChildNodes, Backend):
         env.update(self.state.env)
         env.update({"NODE_IDENTIFIER": str(node.id), "HOST": node.host, "PORT": str(node.port),
                     MARKER_ENV: self.marker(node), "PYTHONUNBUFFERED": "1"})
+        if "KV_DATA_DIR" in env:  # one data directory per node: "{id}" is its id
+            env["KV_DATA_DIR"] = env["KV_DATA_DIR"].replace("{id}", str(node.id))
         with (self.logdir / f"n{node.id}.log").open("ab") as log:
             log.write(f"---- start {time.strftime('%H:%M:%S')} ----\n".encode())
             log.flush()

@@ -130,6 +130,8 @@ class NetnsBackend(ChildNodes, NetworkBackend):
         env.update({"NODE_IDENTIFIER": str(node.id), "HOST": "0.0.0.0",
                     "PORT": str(node.port), MARKER_ENV: self.marker(node, role),
                     "PYTHONUNBUFFERED": "1"})
+        if "KV_DATA_DIR" in env:  # one data directory per node: "{id}" is its id
+            env["KV_DATA_DIR"] = env["KV_DATA_DIR"].replace("{id}", str(node.id))
         return env
 
     def start(self, node: Node) -> None:

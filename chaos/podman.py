@@ -159,7 +159,7 @@ class PodmanBackend(NetworkBackend):
         label = f"label={LABEL}={self.state.prefix}"
         ids = run(["podman", "ps", "-a", "-q", "--filter", label], check=False).stdout.split()
         if ids:
-            run(["podman", "rm", "-f", "-t", "0", *ids], check=False, timeout=120)
+            run(["podman", "rm", "-f", "-v", "-t", "0", *ids], check=False, timeout=120)
         nets = run(["podman", "network", "ls", "-q", "--filter", label], check=False)
         for net in set(nets.stdout.split()) | {self.network}:
             run(["podman", "network", "rm", "-f", net], check=False)

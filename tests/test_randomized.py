@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from chaos.history import History, check, check_convergence
-from trio_kv.testing import Cluster, open_cluster
+from trio_kv.testing import Cluster, open_cluster, restart_node
 
 from .helpers import converged, items, keys_of
 
@@ -38,6 +38,9 @@ MODES = {
     "faults+staggered-views": [*FAULTS, "view", "view-to-one"],
     # as faults+views, every node's wall clock off by up to SKEW seconds either way
     "clock-skew": [*FAULTS, "view"],
+    # durable nodes (a data directory each) crash and restart on their data: one, or all
+    "faults+crashes": [*FAULTS, "crash", "crash-all"],
+    "views+crashes": ["view", "heal", "crash"],
 }
 SKEWED = {"clock-skew"}
 SKEW = 29.0  # below max_clock_skew / 2, so no two honest nodes are a refusal apart
@@ -110,6 +113,15 @@ async def nemesis(cluster: Cluster, rnd: random.Random, steps: int, actions: lis
             log.info("  %s -> %s", a, b)
         elif action == "heal":
             net.heal()
+        elif action in ("crash", "crash-all"):
+            victims = sorted(cluster.nodes) if action == "crash-all" else [
+                rnd.choice(sorted(cluster.nodes))]
+            log.info("  restarting %s on their data", victims)
+            assert cluster.nursery is not None
+            for i in victims:
+                cluster.scopes[i].cancel()  # all down at once, then back one by one
+            for i in victims:
+                await restart_node(cluster, cluster.nursery, i)
         elif action == "view-to-one":
             view, node = rnd.choice(VIEWS), rnd.choice(sorted(cluster.nodes))
             log.info("  %s to node %s only", view, node)
@@ -135,6 +147,7 @@ SEEDS = _seeds(os.environ.get("KV_RANDOM_SEEDS", "8"))
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_random_faults_and_view_changes_keep_causality(autojump_clock, seed, mode, tmp_path):
     rnd = random.Random(seed)
+    data_root = str(tmp_path / "data") if "crashes" in mode else ""
     offsets: dict[int, float] = {}
     if mode in SKEWED:
         skew = random.Random(f"skew{seed}")
@@ -142,7 +155,8 @@ async def test_random_faults_and_view_changes_keep_causality(autojump_clock, see
         offsets[skew.randrange(1, 7)] = SKEW  # always one node at each extreme
         offsets[skew.choice([i for i in range(1, 7) if offsets[i] != SKEW])] = -SKEW
         log.info("clock offsets %s", {i: round(o, 3) for i, o in offsets.items()})
-    async with open_cluster({"A": 2, "B": 2}, spare=2, clock_offsets=offsets) as cluster:
+    async with open_cluster({"A": 2, "B": 2}, spare=2, clock_offsets=offsets,
+                            data_root=data_root) as cluster:
         history = History(clock=trio.current_time)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:

@@ -16,6 +16,7 @@ from .cli import COMMANDS
 from .config import load_config
 from .logs import configure
 from .server import serve
+from .storage import StorageError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,7 +37,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("trio-kv: error: --id: a node id is required (--id N or NODE_IDENTIFIER=N)",
               file=sys.stderr)
         sys.exit(2)
-    trio.run(serve, config)
+    try:
+        trio.run(serve, config)
+    except* StorageError as group:
+        # A damaged data directory is never served as an empty store: stop, naming the file.
+        for leaf in _leaves(group):
+            print(f"trio-kv: cannot start: {leaf}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from .metrics import CONTENT_TYPE, registry_for, render
 from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
 from .observe import ObserveMiddleware, RequestStats
 from .openapi import SPEC
+from .persist import PersistFailed
 from .transport import SECRET_HEADER
 from .view import ViewError, parse_view
 
@@ -211,7 +212,9 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(400, "'value' is missing or not a string")
             if len(value.encode()) > cfg.max_value_bytes:
                 raise ApiError(413, f"value larger than {cfg.max_value_bytes} bytes")
-        return _reply(await node.data(request.method, key, deps, value, hops, budget, write_id))
+        reply = await node.data(request.method, key, deps, value, hops, budget, write_id)
+        await node.durable()  # persist, then answer: what we show must survive a crash
+        return _reply(reply)
 
     async def data_all(request: Request) -> Response:
         try:
@@ -223,7 +226,9 @@ def build_app(node: Node) -> Starlette:
             raise ApiError(400, "request body must be a JSON object")
         hops, budget, _ = _node_headers(request, cfg, secret)
         deps = _metadata(request, body, node)
-        return _reply(await node.data("GET", None, deps, None, hops, budget, page=page))
+        reply = await node.data("GET", None, deps, None, hops, budget, page=page)
+        await node.durable()
+        return _reply(reply)
 
     requests = RequestStats()
     registry = registry_for(node, requests)
@@ -256,7 +261,10 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
             body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
             try:
-                return _json(200, handler(body))
+                answer = handler(body)
+                # a sync's "seen up to n", a handoff's ack, a pull page's fence: on disk first
+                await node.durable()
+                return _json(200, answer)
             except WireError as exc:
                 log.warning("node %s: refused %s from %s: %s", node.node_id, request.url.path,
                             request.client.host if request.client else "?", exc)
@@ -272,6 +280,9 @@ def build_app(node: Node) -> Starlette:
         assert isinstance(exc, HTTPException)
         messages = {404: "no such endpoint", 405: "method not allowed on this endpoint"}
         return _json(exc.status_code, {"error": messages.get(exc.status_code, str(exc.detail))})
+
+    async def persist_failed(request: Request, exc: Exception) -> Response:
+        return _json(503, {"error": f"this node is stopping: {exc}"})
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -297,6 +308,7 @@ def build_app(node: Node) -> Starlette:
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
+            PersistFailed: persist_failed,
             Exception: server_error,
         },
     )

@@ -25,6 +25,7 @@ from .config import Config
 from .listing import Page, gather, page_of
 from .messages import SyncBatch, SyncReply, WireError, WireRules, dumps
 from .metadata import Deps, TokenRules, render_metadata
+from .recovery import AppliedAnswers, Durable
 from .replica import Replica, ReplicaLimits
 from .stats import NodeStats
 from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
@@ -80,7 +81,7 @@ def error(status: int, message: str, deps: Deps | None = None, **extra: Any) -> 
     return Reply(status, body)
 
 
-class Node(ViewChanges):
+class Node(Durable, ViewChanges):
     def __init__(
         self,
         config: Config,
@@ -129,7 +130,7 @@ class Node(ViewChanges):
         self._waiting = 0  # requests parked in _wait_for
         self._write_ids = 0
         # answers to forwarded writes by write id, so a retry is not applied twice
-        self._applied: OrderedDict[tuple[str, bytes], Reply] = OrderedDict()
+        self._applied: OrderedDict[tuple[str, bytes], Reply] = AppliedAnswers(self._persister())
         self._forward_failed: dict[int, float] = {}  # member id -> when a forward to it failed
         self.started = trio.Event()
         self.stats = NodeStats()  # read by /metrics at scrape time
@@ -139,6 +140,7 @@ class Node(ViewChanges):
         """Replication and view-change services; runs until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
+                await self._recover(nursery)  # load the data directory, if there is one
                 nursery.start_soon(self._supervise, "replication", self._replication)
                 nursery.start_soon(self._supervise, "view-change coordinator", self._coordinator)
                 nursery.start_soon(self._supervise, "fence probes", self._fence_watch)
@@ -234,6 +236,7 @@ class Node(ViewChanges):
             # a quiet spell goes at once, so stability (and token pruning) stays quick.
             await trio.sleep(max(0.0, last_push + cfg.replication_linger - trio.current_time()))
             last_push = trio.current_time()
+            await self.durable()  # persist, then send: the peer may count what it gets stable
             batch = self.replica.batch_for(peer.id, max_bytes)
             if batch is None:
                 return

@@ -82,6 +82,12 @@ class Replica:
         self.target_epoch = 0  # of the view we are changing to
         self.epoch_seen = 0  # the highest epoch peers showed for other views
         self.newer_view: NewerView | None = None
+        # Tombstone collection (tombstones.py): each peer's claim on our stream as carried by
+        # its own latest push (origin, claim), and the peer incarnations that were replaced.
+        self.pushed: dict[int, tuple[str, int]] = {}
+        self.retired: set[str] = set()
+        # A dependency on a key absent here at or below this hlc names a collected tombstone.
+        self.collect_horizon = 0
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
@@ -161,14 +167,18 @@ class Replica:
         if needed is None:
             return False
         entry = self.store.get(key)
-        return entry is None or entry.version < needed
+        if entry is None:
+            return needed.hlc > self.collect_horizon
+        return entry.version < needed
 
     def unmet_in_shard(self, deps: Mapping[str, Version]) -> list[str]:
         return [k for k in deps if self.owns(k) and self.unmet(k, deps)]
 
     def stable(self, key: str, version: Version) -> bool:
         entry = self.store.get(key)
-        if entry is None or entry.version < version:
+        if entry is None:
+            return version.hlc <= self.collect_horizon and self.owns(key)
+        if entry.version < version:
             return False
         if self.custody.pulls and self.custody.unfenced(key):
             return False
@@ -277,10 +287,20 @@ class Replica:
                 f"node {batch.sender} claims position {claim} of our stream; it is at "
                 f"{self.store.head}"
             )
+        pushed = self.pushed.get(batch.sender)
+        if batch.origin in self.retired or (
+            pushed is not None and pushed[0] == batch.origin and claim < pushed[1]
+        ):
+            # Built before a push we already merged (a retried call overtaken by the next
+            # one): its entries may predate deletes since collected.  Nothing in it is news.
+            return SyncReply(self.origin, view_id, self.seen.get(batch.origin, 0), True,
+                             self.epoch), []
+        self.pushed[batch.sender] = (batch.origin, claim)
         self.claims[batch.sender] = claim
         previous = self.peer_origin.get(batch.sender)
         if previous is not None and previous != batch.origin:
             self.seen.pop(previous, None)  # the peer restarted: its old stream is gone
+            self.retired.add(previous)
         self.peer_origin[batch.sender] = batch.origin
         # A key fenced here (a new owner pulled it) is not merged, and our confirmation stops
         # just before it: confirming past it would let the sender count a write we will
@@ -353,6 +373,7 @@ class Replica:
         self.seen = {}
         self.claims = {}
         self.peer_origin = {}
+        self.pushed = {}
         for entry in self.store.entries.values():
             entry.source = ""
 

@@ -53,6 +53,9 @@ class Store:
         self._stream: dict[int, str] = {}  # seq -> key, insertion order == seq order
         self._seqs: list[int] = []  # ascending, may hold dead seqs until compacted
         self.head = 0
+        # What changed since the shell last persisted (None: not tracked, memory-only node):
+        # key -> its new entry, or None when it was removed.
+        self.changes: dict[str, Entry | None] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -79,12 +82,16 @@ class Store:
         entry.seq = 0
         self.entries[key] = entry
         self._restamp(key, entry)
+        if self.changes is not None:
+            self.changes[key] = entry
         return True
 
     def remove(self, key: str) -> None:
         entry = self.entries.pop(key, None)
         if entry is not None:
             self._stream.pop(entry.seq, None)
+            if self.changes is not None:
+                self.changes[key] = None
 
     def since(self, after: int) -> Iterator[tuple[int, str, Entry]]:
         """Current entries whose stream position is after ``after``, in stream order."""

@@ -14,6 +14,7 @@ clocks; a cluster whose config has a ``cluster_secret`` sends it with every view
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -108,6 +109,7 @@ class Cluster:
     nursery: trio.Nursery | None = None
     config: Config = dataclasses.field(default_factory=Config)
     clock_offsets: dict[int, float] = dataclasses.field(default_factory=dict)
+    data_root: str = ""  # one data directory per node below it ("": memory only)
 
     def view_body(self, shards: dict[str, list[int]] | None = None) -> dict[str, Any]:
         shards = self.shards if shards is None else shards
@@ -164,11 +166,18 @@ def body_ids(body: dict[str, Any]) -> list[list[int]]:
 def add_node(cluster: Cluster, nursery: trio.Nursery, node_id: int, config: Config) -> Node:
     """Start one more node (not yet in any view) inside ``nursery``."""
     address = f"10.0.0.{node_id}:8081"
+    if cluster.data_root:
+        config = dataclasses.replace(config, data_dir=data_dir(cluster, node_id))
     node = Node(
         dataclasses.replace(config, node_id=node_id),
         transport_factory=_factory(cluster.network, address),
         wall_ms=skewed_wall_ms(cluster.clock_offsets.get(node_id, 0.0)),
     )
+    if node.persist.storage is not None:
+        # autojump clock: no worker threads (the clock would jump past every timeout while
+        # one runs), and no fsync (a "crash" here is a cancelled task, not a power cut)
+        node.persist.inline = True
+        node.persist.storage.sync = False
     cluster.network.apps[address] = build_app(node)
     cluster.nodes[node_id] = node
     cluster.addresses[node_id] = address
@@ -182,9 +191,23 @@ def add_node(cluster: Cluster, nursery: trio.Nursery, node_id: int, config: Conf
     return node
 
 
-async def restart_node(cluster: Cluster, nursery: trio.Nursery, node_id: int) -> Node:
-    """Crash a node (its memory is lost) and start a fresh incarnation at the same address."""
+def data_dir(cluster: Cluster, node_id: int) -> str:
+    return f"{cluster.data_root}/node{node_id}"
+
+
+async def restart_node(
+    cluster: Cluster, nursery: trio.Nursery, node_id: int, wipe: bool = False
+) -> Node:
+    """Crash a node (its memory is lost; what it committed to its data directory, if the
+    cluster has them, is not) and start a new incarnation at the same address.  ``wipe``
+    also deletes its data directory, as a replaced disk would."""
     cluster.scopes[node_id].cancel()
+    old = cluster.nodes[node_id]
+    if old.persist.enabled:
+        with trio.CancelScope(shield=True):
+            await old.persist.stopped.wait()  # its writer has let go of the file
+    if wipe and cluster.data_root:
+        shutil.rmtree(data_dir(cluster, node_id), ignore_errors=True)
     node = add_node(cluster, nursery, node_id, cluster.config)
     await node.started.wait()
     return node
@@ -214,14 +237,17 @@ async def open_cluster(
     send_view: bool = True,
     spare: int = 0,
     clock_offsets: Mapping[int, float] | None = None,
+    data_root: str = "",
 ) -> AsyncIterator[Cluster]:
     """Nodes numbered from 1, shard by shard (``{"A": 2, "B": 2}`` -> A=[1,2], B=[3,4]),
     plus ``spare`` nodes outside the view; the view is sent to all members unless told not to.
-    ``clock_offsets`` maps node ids to how far (seconds) their wall clocks are off."""
+    ``clock_offsets`` maps node ids to how far (seconds) their wall clocks are off.  With
+    ``data_root`` every node keeps its data in a directory below it (durable restarts)."""
     shards = shards or {"A": 3}
     config = config or Config()
     cluster = Cluster(
-        Network(), {}, {}, {}, config=config, clock_offsets=dict(clock_offsets or {})
+        Network(), {}, {}, {}, config=config, clock_offsets=dict(clock_offsets or {}),
+        data_root=data_root,
     )
     next_id = 1
     for name, count in shards.items():

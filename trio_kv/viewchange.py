@@ -25,6 +25,7 @@ from .messages import (
     WireError,
     WireRules,
 )
+from .persist import Persister
 from .replica import Replica
 from .stats import NodeStats
 from .store import Entry
@@ -78,8 +79,12 @@ class ViewChanges:
     _view_send: trio.MemorySendChannel[_ViewRequest]
     _view_recv: trio.MemoryReceiveChannel[_ViewRequest]
     task_failures: int
+    persist: Persister
 
     def _notify(self) -> None:
+        raise NotImplementedError
+
+    async def durable(self) -> None:
         raise NotImplementedError
 
     def wire_rules(self) -> WireRules:
@@ -122,6 +127,7 @@ class ViewChanges:
                 for d in self.replica.custody.debts.values()
             ],
             "change": asdict(self.progress),
+            "storage": self.persist.stats(),
         }
 
     async def _coordinator(self) -> None:
@@ -178,10 +184,15 @@ class ViewChanges:
                     if old is None:
                         old = await self._learn_previous_view(new)
                     self.replica.begin_change(old, new, held_data)
+                    self.persist.state_dirty = True
+                    await self.durable()  # a restart from here on resumes this change
                     # new pulls, and those of earlier changes still unfinished
                     self._start_pulls(nursery, self.replica.custody.pending(), new)
                     nursery.start_soon(self._hand_off, new)
             self.replica.install_view(new)
+            self.persist.state_dirty = True
+            with trio.CancelScope(shield=True):
+                await self.durable()  # a restart rejoins this view, no PUT /view needed
             self._installs += 1
             self.stats.view_changes += 1
             self._view_installed.set()
@@ -206,6 +217,7 @@ class ViewChanges:
                 status = await self._view_of(member)
                 if status is not None and status.view is not None and not status.changing:
                     self.replica.peer_serves(member.id, status.view.view_id)
+                    self.persist.state_dirty = True
 
     async def _view_of(self, member: Member) -> PeerViewStatus | None:
         """The view ``member`` says it serves (None: no answer, or not one we understand)."""
@@ -322,11 +334,15 @@ class ViewChanges:
                 continue
             failures = 0
             self.replica.merge(page.entries)
+            await self.durable()  # what settles a debt is on disk before the debt is settled
             self.progress.keys_received += len(page.entries)
             self.progress.bytes_received += sum(e.size for _, e in page.entries)
             self._notify()
             if page.report is not None:
-                self._start_pulls(nursery, self.replica.pulled(pull, page.report), view)
+                started = self.replica.pulled(pull, page.report)
+                self.persist.state_dirty = True
+                await self.durable()
+                self._start_pulls(nursery, started, view)
                 self._notify()
                 return
             assert page.next is not None
@@ -342,6 +358,7 @@ class ViewChanges:
             return PullPage(self._whoami(), [], None, None, stale=True).to_wire()
         self._observe_epoch(sender.node, sender.epoch, view.view_id)
         self.replica.fence(view, list(request.within))
+        self.persist.state_dirty = True  # a restart must not serve fenced keys again
         entries, nxt = self.replica.pull_page(
             request.within, request.after, request.limit, request.max_bytes
         )
@@ -399,6 +416,7 @@ class ViewChanges:
                 # Every receiver holds these versions; a key changed here since stays for the
                 # next round of handoff.
                 self.replica.drop_if_unchanged(entries, view)
+                await self.durable()
 
     async def _hand_off_batch(
         self, receivers: tuple[Member, ...], entries: list[tuple[str, Entry]]
