@@ -11,6 +11,10 @@ prints the endpoints and a curl line to paste, and tears everything down on Ctrl
 runs, ``python -m chaos partition 1 / 2,3`` (and the other verbs) act on the same cluster from
 another terminal.
 
+Nodes are durable by default: node i keeps its data in ``.devenv-data/<prefix>-n<i>`` (kept
+after Ctrl-C, so the next run comes back with its keys and view); ``--memory`` runs them in
+memory only, ``--data DIR`` moves the data.
+
 The nodes share a random cluster secret (``KV_CLUSTER_SECRET``, printed at start-up): ``PUT
 /view`` and the nodes' internal endpoints need it in ``X-KV-Secret``.  ``--no-secret`` starts
 bare nodes instead (anyone who reaches a port can then change the view).

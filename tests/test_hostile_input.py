@@ -372,6 +372,15 @@ def forge(cluster: Cluster, f: Forgery) -> Probe:
     value = "x" * (Config().max_value_bytes + 1 + f.number) if what == "oversized" else "forged"
     entry: list[Any] = [key, value, ts, peer, None]
     sender = 99 + f.number if what == "stranger" else peer
+    secret = f.secret
+    if route == "handoff" and what == "stranger":
+        # Only the secret tells peers from strangers for handoffs (a fresh node replacing a
+        # whole cluster knows none of the old owners handing it keys): with a secret set, an
+        # unknown sender without it is refused; bare, a malformed sender id is.
+        if cluster.config.cluster_secret:
+            secret = False
+        else:
+            sender = -1 - f.number
     # Refused: a 4xx, or (sync) an answer that does not accept it.  A pull from a node in no
     # view we know may be answered (a node sent a newer view first pulls before we have it),
     # but must change nothing and hijack nothing.
@@ -410,7 +419,7 @@ def forge(cluster: Cluster, f: Forgery) -> Probe:
         if what == "stranger":
             body["from"] = 99 + f.number
     return Probe(f"forged {f.kind}", "POST", f"/internal/{route}", body=encode(body),
-                 node=f.node, secret=f.secret, protected=True, expect=expect,
+                 node=f.node, secret=secret, protected=True, expect=expect,
                  not_accepted=route == "sync")
 
 

@@ -565,7 +565,7 @@ def test_a_peer_answering_garbage_kills_no_node() -> None:
         # the liar is a replica of node 1's shard and an old owner in the next change
         first = nodes.view({"A": [0], "B": [1, 2]}, extra={"A": [(9, liar)]})
         put_view_everywhere(nodes, first, range(3))
-        for n in range(20):
+        for n in range(6):  # some are forwarded to the liar, which answers garbage
             r = c.put(nodes.url(n % 3) + f"/data/g{n}", json={"value": str(n)})
             assert r.status_code in (200, 503), r.text
         second = nodes.view({"A": [0, 1], "B": [2]}, extra={"C": [(9, liar)]})

@@ -15,7 +15,6 @@ import trio
 from .cli import COMMANDS
 from .config import load_config
 from .logs import configure
-from .persist import MODES
 from .server import serve
 from .storage import StorageError
 
@@ -35,9 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"trio-kv: {exc}", file=sys.stderr)
         sys.exit(2)
     if config.node_id is None:
-        sys.exit("trio-kv: a node id is required (--id N or NODE_IDENTIFIER=N)")
-    if config.durability not in MODES:
-        print(f"trio-kv: durability: {config.durability!r} is not one of {', '.join(MODES)}",
+        print("trio-kv: error: --id: a node id is required (--id N or NODE_IDENTIFIER=N)",
               file=sys.stderr)
         sys.exit(2)
     try:

@@ -94,6 +94,10 @@ class Config:
             raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS).lower()}")
         if self.log_format not in _LOG_FORMATS:
             raise ConfigError("log_format", f"must be one of {', '.join(_LOG_FORMATS)}")
+        if self.durability not in _DURABILITY:
+            raise ConfigError("durability", f"must be one of {', '.join(_DURABILITY)}")
+        if self.tombstone_interval <= 0:
+            raise ConfigError("tombstone_interval", "must be positive")
         largest_entry = 6 * (self.max_value_bytes + self.max_key_bytes) + self.max_token_bytes
         need = max(self.batch_bytes, self.handoff_batch_bytes, largest_entry) + (64 << 10)
         if self.max_peer_message_bytes < need:
@@ -123,7 +127,8 @@ class ConfigError(ValueError):
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("auto", "json", "text")
-_NON_NEGATIVE = {"gc_gen0_threshold", "shutdown_grace", "replication_linger"}
+_NON_NEGATIVE = {"gc_gen0_threshold", "shutdown_grace", "replication_linger", "tombstone_grace"}
+_DURABILITY = ("always", "batch", "none")
 _POSITIVE = {
     "max_value_bytes", "max_key_bytes", "max_request_bytes", "max_header_bytes",
     "max_token_deps", "max_token_bytes", "max_clock_skew", "max_peer_message_bytes",

@@ -68,6 +68,13 @@ HELP: dict[str, str] = {
     "max_page_items": "Most items one page of GET /data?limit= may ask for (a count).",
     "max_request_id_bytes": "Longest X-Request-Id accepted from a client, in bytes; longer "
     "gets 400.",
+    "data_dir": "Directory for this node's data file (kv.sqlite); empty keeps everything in "
+    "memory (a restart starts empty).",
+    "durability": "With a data dir: always (one fsync before each answer), batch (concurrent "
+    "writes share one fsync, each answered after it) or none (memory only).",
+    "tombstone_grace": "Least age of a delete before it may be forgotten, in seconds; a "
+    "dependency older than this on an absent key counts as that delete.",
+    "tombstone_interval": "How often stable deletes are looked for and forgotten, in seconds.",
     "gc_gen0_threshold": "Allocations between young-generation garbage collections (a count; "
     "0 keeps Python's 700).",
 }
