@@ -159,3 +159,17 @@ def test_a_read_parks_until_its_dependency_arrives_and_then_answers() -> None:
     answer, out = core.on_sync(batch, 2.0, WALL)
     assert loads(dumps(answer))["accepted"] is True
     assert replies(out)[9].payload["value"] == "v" and core.waiting() == 0
+
+
+def test_a_copy_of_a_write_still_in_hand_is_answered_with_it_not_handled_twice() -> None:
+    """Simulator, staggered views, seed 274: two copies of one forwarded write reached a node
+    that forwarded each on its own (under new write ids); one was applied again later, over
+    a write the client made after the first was acknowledged."""
+    view = two_shards(a=[1], b=[2, 3])
+    core = serving(1, view)
+    req = Request("PUT", key_on(view, "B"), {}, "v", hops=1, write_id="9.x.1")
+    first = calls(core.request(5, req, 1.0, WALL))
+    assert len(first) == 1
+    assert calls(core.request(6, req, 1.01, WALL)) == [], "the copy is not forwarded again"
+    out = core.call_done(first[0].cid, Answer(200, b'{"causal-metadata": {}}'), 1.02, WALL)
+    assert set(replies(out)) == {5, 6}

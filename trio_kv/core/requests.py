@@ -52,6 +52,7 @@ class Pending:
     forwarding: bool = False
     final: bool = field(default=False)
     deps_since: float | None = None  # when it began waiting for causal dependencies
+    copies: list[int] = field(default_factory=list)  # the same write, arrived meanwhile
 
 
 class Requests:
@@ -61,6 +62,7 @@ class Requests:
         self._parked: dict[int, Pending] = {}
         # answers to forwarded writes by write id, so a retry is not applied twice
         self.applied: OrderedDict[tuple[str, bytes], Reply] = OrderedDict()
+        self.inflight: dict[tuple[str, bytes], Pending] = {}  # forwarded writes not answered
         self.forwarding = Forwarding(core, self)
 
     def parked_count(self) -> int:
@@ -76,6 +78,11 @@ class Requests:
             if (done := self.applied.get(dedup)) is not None:
                 self.core.k.emit(Respond(rid, done))
                 return
+            if (first := self.inflight.get(dedup)) is not None:
+                # Another copy of a write we are still handling (a retry that overtook it):
+                # handled twice, it could be applied twice, the copy over a later write.
+                first.copies.append(rid)
+                return
             if req.retry and self.core.uptime() < cfg.wait_deadline:
                 # An earlier attempt was sent at most wait_deadline ago: it may have reached
                 # our previous incarnation, whose answers we lost.  Applying it again could
@@ -90,11 +97,18 @@ class Requests:
         )
         p = Pending(rid, req, self.core.k.now + wait, wait, dedup)
         self.pending[rid] = p
+        if dedup is not None:
+            self.inflight[dedup] = p
         self._attempt(p)
 
     def abandon(self, rid: int) -> None:
+        p = self.pending.get(rid)
+        if p is not None and p.copies:
+            return  # another copy still waits for its answer
         p = self.pending.pop(rid, None)
         if p is not None:
+            if p.dedup is not None:
+                self.inflight.pop(p.dedup, None)
             self._unpark(p)
             self.forwarding.abandon(p)
 
@@ -109,11 +123,14 @@ class Requests:
         met = not (p.parked == DEPS and reply.status == 503)
         self._unpark(p)
         self._waited(p, met)
-        if p.dedup is not None and reply.status == 200:
-            self.applied[p.dedup] = reply
-            while len(self.applied) > self.core.config.dedup_entries:
-                self.applied.popitem(last=False)
-        self.core.k.emit(Respond(p.rid, reply))
+        if p.dedup is not None:
+            self.inflight.pop(p.dedup, None)
+            if reply.status == 200:
+                self.applied[p.dedup] = reply
+                while len(self.applied) > self.core.config.dedup_entries:
+                    self.applied.popitem(last=False)
+        for rid in (p.rid, *p.copies):
+            self.core.k.emit(Respond(rid, reply))
 
     # ------------------------------------------------------------ the decision
     def _attempt(self, p: Pending) -> None:

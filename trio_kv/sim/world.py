@@ -92,22 +92,37 @@ class World:
 
     # ------------------------------------------------------------ operator
     def put_view(self, shards: dict[str, list[int]], to: list[int],
-                 then: Callable[[], None] | None = None) -> None:
+                 then: Callable[[], None] | None = None, until_served: bool = False) -> None:
+        """Send a view to nodes ``to``; ``then`` once each answered (``until_served``: once
+        each answered 200, sending it again to a node that was down or answered otherwise,
+        as an operator making sure of the final view would)."""
         view = self.view(shards)
         self.view_shards = shards
         self.trace.add(self.net.now, f"view {view.view_id} to {to}")
-        answered: list[int] = []
+        answered: set[int] = set()
+
+        def send(i: int) -> None:
+            node = self.net.nodes[i]
+            if not node.up:  # connection refused
+                if until_served:
+                    self.net.after(0.5, lambda: send(i))
+                else:
+                    done(Reply(503, {"error": "refused"}), i)
+                return
+            node.rid += 1
+            node.owners[node.rid] = lambda r: done(r, i)
+            self.net.feed(node, node.core.put_view, node.rid, view)
 
         def done(reply: Reply, i: int) -> None:
-            answered.append(i)
+            if until_served and reply.status != 200:
+                self.net.after(0.5, lambda: send(i))
+                return
+            answered.add(i)
             if len(answered) == len(to) and then is not None:
                 then()
 
         for i in to:
-            node = self.net.nodes[i]
-            node.rid += 1
-            node.owners[node.rid] = lambda r, i=i: done(r, i)  # type: ignore[misc]
-            self.net.feed(node, node.core.put_view, node.rid, view)
+            send(i)
 
     # ------------------------------------------------------------ clients
     def client(self, name: str, rnd: random.Random) -> None:
@@ -281,7 +296,8 @@ class World:
         self.heal()
         final_view = self.rng.choice(VIEWS)
         installed: list[bool] = []
-        self.put_view(final_view, sorted(net.nodes), lambda: installed.append(True))
+        self.put_view(final_view, sorted(net.nodes), lambda: installed.append(True),
+                      until_served=True)
         problems: list[str] = []
         if not net.run_until(lambda: bool(installed), net.now + 120):
             problems.append("the final view was not installed everywhere within 120 s")
