@@ -230,12 +230,13 @@ class World:
     def restart(self, node_id: int, then: Callable[[], None], tries: int = 50) -> None:
         """Crash a node and start a new, empty incarnation, once all it acknowledged is on its
         peers (the store is in memory: a crash before that loses writes, as documented) and
-        it owes or fences nothing; then the operator sends it the view again."""
+        it owes, fences and hands off nothing; then the operator sends it the view again."""
         node = self.net.nodes[node_id]
         replica = node.core.replica
         drained = (
             replica.view is not None
             and not node.core.changes.changing
+            and node.core.changes.progress.state == "idle"  # no handoff unacknowledged
             and not replica.custody.debts and not replica.custody.pulls
             and not replica.custody.fences
             and all(replica.claims.get(p.id, 0) >= replica.store.head for p in replica.peers)
