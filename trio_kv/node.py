@@ -161,9 +161,6 @@ class Node:
         finally:
             self._nursery = None
             self._stopped = True
-            for waiter in self._waiters.values():  # the core that would answer them is gone
-                waiter.reply = Reply(503, {"error": "this node is shutting down"})
-                waiter.done.set()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 for client in self._clients.values():
                     await client.aclose()
@@ -268,9 +265,10 @@ class Node:
             return Failed(str(exc), exc.not_sent, exc.too_large)
         return Answer(resp.status, resp.body)
 
-    async def _ask(self, start: Callable[[int], list[Output]]) -> Reply:
-        """Hand a request to the core and wait for its answer; a client that goes away
-        takes its request out of the core."""
+    async def _ask(self, start: Callable[[int], list[Output]], limit: float) -> Reply:
+        """Hand a request to the core and wait for its answer (the core answers by the
+        request's deadline; ``limit`` bounds the wait if it cannot, e.g. it stopped); a client
+        that goes away takes its request out of the core."""
         if self._stopped:
             return Reply(503, {"error": "this node is shutting down"})
         rid = next(self._rids)
@@ -278,9 +276,12 @@ class Node:
         try:
             self._carry_out(start(rid))
             if waiter.reply is None:
-                await waiter.done.wait()
+                with trio.move_on_after(limit):
+                    await waiter.done.wait()
+            if waiter.reply is None:
+                waiter.reply = Reply(503, {"error": "no answer from this node in time"})
         finally:
-            if self._waiters.pop(rid, None) is not None and waiter.reply is None:
+            if self._waiters.pop(rid, None) is not None:  # not answered: take it back
                 self._step(self.core.abandon, rid, *self._now())
         assert waiter.reply is not None
         return waiter.reply
@@ -302,12 +303,16 @@ class Node:
         """Serve or forward one client data request (``key`` None means ``GET /data``,
         all of it, or one ``page`` of it)."""
         req = Request(method, key, deps, value, hops, budget, write_id, retry, page, request_id)
-        return await self._ask(lambda rid: self.core.request(rid, req, *self._now()))
+        limit = self.config.wait_deadline + 1.0
+        return await self._ask(lambda rid: self.core.request(rid, req, *self._now()), limit)
 
     async def put_view(self, view: View) -> str | None:
         """Apply a view (the change outlives this request); None once served, else why not
         (yet)."""
-        reply = await self._ask(lambda rid: self.core.put_view(rid, view, *self._now()))
+        reply = await self._ask(
+            lambda rid: self.core.put_view(rid, view, *self._now()),
+            self.config.put_view_timeout + 1.0,
+        )
         return None if reply.status == 200 else str((reply.payload or {}).get("error"))
 
     async def on_sync(self, raw: Any) -> dict[str, Any]:
