@@ -119,7 +119,7 @@ def parse_args() -> argparse.Namespace:
         "--idle-window",
         type=float,
         default=0,
-        help="seconds per idle-gossip window (default 5 quick, 10 full)",
+        help="seconds per idle anti-entropy window (default 5 quick, 10 full)",
     )
     ap.add_argument("--reshard-replicas", type=int, default=1, help="replicas per shard")
     ap.add_argument("--out", default=str(BENCH / "out"))

@@ -399,7 +399,7 @@ async def metadata_growth(ctx: Ctx, c: Cluster) -> None:
     }
 
 
-# ---------------------------------------------------------------- 4 + 7. idle gossip, memory
+# ---------------------------------------------------------------- 4 + 7. idle anti-entropy, memory
 
 
 async def _converged(c: Cluster, prefix: str, n: int, budget: float) -> float:
@@ -467,7 +467,7 @@ async def idle_and_memory(ctx: Ctx) -> None:
                     }
                 )
                 ctx.row(
-                    "4 idle gossip",
+                    "4 idle anti-entropy",
                     f"1x3, {n:,} keys",
                     f"sent {nbytes(total / n_nodes)}/s per node (max {nbytes(mx)}/s, "
                     f"{max(pkts.values(), default=0):.0f} pkt/s); "
@@ -478,7 +478,7 @@ async def idle_and_memory(ctx: Ctx) -> None:
                 )
             steps.append(step)
         if not counter:
-            ctx.row("4 idle gossip", "skipped", f"no byte counters: {why}", "", "", None)
+            ctx.row("4 idle anti-entropy", "skipped", f"no byte counters: {why}", "", "", None)
         _memory_rows(ctx, steps)
     finally:
         ctx.data["idle_and_memory"] = steps

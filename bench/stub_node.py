@@ -62,7 +62,7 @@ class Stub:
         for p in self.peers():
             self.dirty.setdefault(p, set()).add(key)
 
-    async def gossip(self) -> None:
+    async def replicate(self) -> None:
         while True:
             await trio.sleep(0.2)
             for peer in self.peers():
@@ -199,7 +199,7 @@ async def main(node_id: int, host: str, port: int) -> None:
             Route("/data/{key}", data_key, methods=["GET", "PUT", "DELETE"]),
         ]
     )
-    await serve_until_signal(app, host, port, S.gossip)
+    await serve_until_signal(app, host, port, S.replicate)
 
 
 if __name__ == "__main__":

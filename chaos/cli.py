@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--base-port", type=int, help="local: port of node 1 (default 8081)")
     up.add_argument("--image", help="podman: image to run (default: build from Containerfile)")
     up.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for every node (e.g. KV_GOSSIP_INTERVAL=0.1)")
+                    help="extra environment for every node (e.g. KV_RETRY_INTERVAL=0.1)")
     up.add_argument("--node-cmd", help="command that runs a node (default: python -m trio_kv)")
     up.add_argument("--no-secret", action="store_true",
                     help="start bare nodes (default: a random KV_CLUSTER_SECRET for all)")

@@ -191,7 +191,7 @@ async def test_waiting_requests_are_capped(autojump_clock):
                 assert r.status_code == 503 and "max_waiting=3" in r.json()["error"]
                 cluster.network.heal()
             assert statuses == [200, 200, 200]
-            assert cluster.nodes[2]._waiting == 0
+            assert cluster.nodes[2].core.waiting() == 0
 
 
 async def test_keys_with_control_characters_are_keys(autojump_clock):

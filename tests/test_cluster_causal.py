@@ -158,9 +158,7 @@ async def test_deletes_replicate_and_never_resurrect(autojump_clock):
         assert (await on_2.request("DELETE", "/data/k")).status_code == 404
         # an old version arriving again changes nothing (anti-entropy re-ships it)
         for node in cluster.nodes.values():
-            node.replica.install_view(node.replica.view)  # forces a full re-exchange
-            node._view_installed.set()
-            node._view_installed = trio.Event()
+            node.resync()  # forces a full re-exchange
         await trio.sleep(3)
         assert "k" not in await converged(cluster, [1, 2, 3])
         await put(on_2, "k", "v2", meta)  # a write after the delete brings it back

@@ -15,6 +15,7 @@ from trio_kv.metadata import MetadataError, merge_deps, parse_metadata, render_m
 from trio_kv.replica import Replica
 from trio_kv.ring import Ring
 from trio_kv.store import Entry, Store
+from trio_kv.transfer import pull_refusal
 from trio_kv.view import ViewError, parse_view, plan_moves
 
 versions = st.builds(Version, st.integers(0, 1000), st.integers(0, 5))
@@ -235,7 +236,7 @@ def test_replicas_converge_whatever_the_interleaving(ops, syncs):
 def test_batches_are_bounded_in_encoded_bytes_and_lose_nothing(items, max_entries, max_bytes):
     from trio_kv.messages import dumps as wire_dumps
     from trio_kv.messages import entries_to_wire
-    from trio_kv.replica import bounded
+    from trio_kv.transfer import bounded
 
     entries = [(k, Entry(Version(i + 1, 1), v, {})) for i, (k, v) in enumerate(items)]
     batches = list(bounded(entries, max_entries, max_bytes))
@@ -305,6 +306,6 @@ def test_pulls_built_on_an_invented_or_readdressed_cluster_are_refused():
     hijack = parse_view({"view": {"A": [{"id": 1, "address": "evil:1"},
                                         {"id": 2, "address": "evil:2"}]}})
     # a new node of a grown cluster pulls our keys: fine (its scopes name our view)
-    assert r.pull_refusal(3, grown, [(view, "A"), (grown, "B")]) is None
-    assert r.pull_refusal(91, invented, [(invented, "A")]) is not None
-    assert r.pull_refusal(1, hijack, [(view, "A"), (hijack, "A")]) is not None
+    assert pull_refusal(r, 3, grown, [(view, "A"), (grown, "B")]) is None
+    assert pull_refusal(r, 91, invented, [(invented, "A")]) is not None
+    assert pull_refusal(r, 1, hijack, [(view, "A"), (hijack, "A")]) is not None

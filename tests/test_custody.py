@@ -196,17 +196,17 @@ def test_epochs_order_installs_and_refuse_pulls_from_older_views():
     assert b.epoch == 2
     # a, still on v1, hears of v2: it reports a newer view, and a pull from v1 is stale for b
     a.observe_epoch(3, b.epoch, v2.view_id)
-    assert a.newer_view is not None and a.newer_view.view_id == v2.view_id
+    assert a.epochs.newer_view is not None and a.epochs.newer_view.view_id == v2.view_id
     assert b.stale_puller(v1.view_id, a.epoch)
     # a node changing to a view after hearing of epoch 2 gets an epoch above it, so its
     # pulls are not stale to b, whatever the view
     a.begin_change(v1, _view({"A": [1], "B": [2, 3]}), held_data=True)
-    assert a.change_epoch() == 3 and not b.stale_puller("other", a.change_epoch())
+    assert a.epochs.change() == 3 and not b.stale_puller("other", a.epochs.change())
     # replicas of one view converge on the highest epoch any of them gave it
     c = Replica(2, "2.x")
     c.install_view(v2)
     c.observe_epoch(3, b.epoch, v2.view_id)
-    assert c.epoch == b.epoch and c.newer_view is None
+    assert c.epoch == b.epoch and c.epochs.newer_view is None
 
 
 def test_members_leaving_our_shard_are_fenced_though_nothing_is_owed():
@@ -239,3 +239,32 @@ def test_members_that_owe_their_own_shard_settle_it_together():
     assert custody.awaiting(key)  # one of them is not enough
     assert custody.pulled(_from(pulls, 5), Report(new, "C", owes_itself)) == []
     assert not custody.awaiting(key)
+
+
+def test_keys_a_lifted_fence_gives_back_are_pushed_again_before_they_count_as_stable():
+    """Simulator, staggered views, seed 140: while fenced, a replica's pushes skip the fenced
+    keys but cover their stream positions, so its peer confirms "seen up to n" without holding
+    them.  Once the fence lifted, a write there counted as stable, was pruned from a token,
+    and the peer that never got it served a stale read."""
+    from trio_kv.clock import Version
+    from trio_kv.messages import SyncReply
+    from trio_kv.replica import Replica
+    from trio_kv.store import Entry
+
+    ours = _view({"A": [1, 2], "B": [3]})
+    theirs = _view({"A": [1], "C": [2, 3]})
+    a = Replica(1, "1.x")
+    a.install_view(ours)
+    key = _key_in(ours, "A", (theirs, "C"))
+    a.store.put(key, Entry(Version(10, 1), "v", {}))
+    a.custody.fence(theirs, [(theirs, "C")], a.view)  # node 2 (under `theirs`) pulled it from us
+    batch = a.batch_for(2)
+    assert batch is not None and batch.entries == [] and batch.upto == a.store.head
+    a.on_sync_reply(2, SyncReply("2.y", ours.view_id, batch.upto, True, a.epoch))
+    assert a.fence_for(key) is not None
+    assert not a.peer_serves(2, ours.view_id)
+    assert a.peer_serves(3, ours.view_id), "every owner under `theirs` now serves our view"
+    assert a.fence_for(key) is None
+    assert not a.stable(key, Version(10, 1)), "peer 2 never received it"
+    again = a.batch_for(2)
+    assert again is not None and [k for k, _ in again.entries] == [key]

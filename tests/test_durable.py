@@ -51,7 +51,8 @@ async def test_values_tombstones_deps_clock_and_view_state_survive_a_reopen(tmp_
         replica.write("x", None, {}, 1000)  # tombstone
         replica.merge([("z", Entry(Version(99 << 16, 2), "3", {}))])
         pulls = replica.begin_change(old, new, True)  # a change under way, with pulls
-        replica.fence(parse_view(_view({"A": [2], "B": [1, 3]})), [(old, "A")])
+        fencing = parse_view(_view({"A": [2], "B": [1, 3]}))
+        replica.custody.fence(fencing, [(old, "A")], replica.view)
         p.state_dirty = True
         await p.commit(replica)
         nursery.cancel_scope.cancel()
@@ -61,7 +62,7 @@ async def test_values_tombstones_deps_clock_and_view_state_survive_a_reopen(tmp_
     assert back.store.get("z").version == Version(99 << 16, 2)
     assert back.clock.last >= replica.clock.last
     assert back.view is not None and back.view.view_id == old.view_id and back.peers
-    assert back.epoch == replica.epoch and back.target_epoch == replica.target_epoch
+    assert back.epoch == replica.epoch and back.epochs.target == replica.epochs.target
     assert snapshot.dump(back) == snapshot.dump(replica)
     assert set(back.custody.pulls) == {(p.member.id, p.debt.ident)
                                        for p in pulls}
@@ -135,7 +136,7 @@ def test_pulled_report_roundtrips_through_snapshot():
     r = Replica(3, "3.a")
     pulls = r.begin_change(old, new, False)
     assert pulls
-    r.pulled(pulls[0], Report(old, "A"))
+    r.custody.pulled(pulls[0], Report(old, "A"))
     back = Replica(3, "3.b")
     snapshot.restore(back, snapshot.dump(r), 128)
     assert snapshot.dump(back) == snapshot.dump(r)
@@ -260,7 +261,7 @@ async def test_a_collected_tombstone_never_comes_back(autojump_clock, tmp_path):
                 while any(n.replica.store.get("gone") is not None
                           for n in cluster.nodes.values()):
                     await trio.sleep(0.5)
-            assert sum(n.persist.tombstones_collected for n in cluster.nodes.values()) == 3
+            assert sum(n.core.tombstones_collected for n in cluster.nodes.values()) == 3
             for i in (1, 2, 3):
                 await restart_node(cluster, cluster.nursery, i)
             await trio.sleep(10)

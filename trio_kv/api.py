@@ -25,8 +25,8 @@ from .listing import PageError, parse_page
 from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
 from .metrics import CONTENT_TYPE, registry_for, render
-from .node import BUDGET_HEADER, HOPS_HEADER, WRITE_ID_HEADER, Node, Reply
-from .observe import ObserveMiddleware, RequestStats
+from .node import BUDGET_HEADER, HOPS_HEADER, RETRY_HEADER, WRITE_ID_HEADER, Node, Reply
+from .observe import REQUEST_ID, ObserveMiddleware, RequestStats
 from .openapi import SPEC
 from .persist import PersistFailed
 from .transport import SECRET_HEADER
@@ -137,16 +137,19 @@ def _has_secret(request: Request, secret: bytes) -> bool:
     return hmac.compare_digest(given, secret)
 
 
-def _node_headers(request: Request, cfg: Config, secret: bytes) -> tuple[int, float | None,
-                                                                         str | None]:
-    """Hops, budget and write id: set by nodes when they forward.  Always validated; with a
-    cluster secret they count only on requests that carry it (a client's are ignored)."""
+def _node_headers(
+    request: Request, cfg: Config, secret: bytes
+) -> tuple[int, float | None, str | None, bool]:
+    """Hops, budget, write id and retry mark: set by nodes when they forward.  Always
+    validated; with a cluster secret they count only on requests that carry it (a client's
+    are ignored)."""
     headers = request.headers
     hops_text = headers.get(HOPS_HEADER)
     budget_text = headers.get(BUDGET_HEADER)
     write_id = headers.get(WRITE_ID_HEADER)
-    if hops_text is None and budget_text is None and write_id is None:
-        return 0, None, None
+    retry_text = headers.get(RETRY_HEADER)
+    if hops_text is None and budget_text is None and write_id is None and retry_text is None:
+        return 0, None, None, False
     hops = 0
     if hops_text is not None:
         if not hops_text.isascii() or not hops_text.isdigit() or int(hops_text) > cfg.max_hops:
@@ -162,9 +165,11 @@ def _node_headers(request: Request, cfg: Config, secret: bytes) -> tuple[int, fl
             raise ApiError(400, "X-KV-Budget must be a non-negative number of seconds")
     if write_id is not None and not _WRITE_ID.fullmatch(write_id):
         raise ApiError(400, "X-KV-Write-Id must be 1 to 128 of A-Z a-z 0-9 . _ -")
+    if retry_text is not None and (retry_text != "1" or write_id is None):
+        raise ApiError(400, "X-KV-Retry must be 1, and only with X-KV-Write-Id")
     if secret and not _has_secret(request, secret):
-        return 0, None, None
-    return hops, budget, write_id
+        return 0, None, None, False
+    return hops, budget, write_id, retry_text is not None
 
 
 class HeaderLimit:
@@ -200,7 +205,7 @@ def build_app(node: Node) -> Starlette:
         body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        hops, budget, write_id = _node_headers(request, cfg, secret)
+        hops, budget, write_id, retry = _node_headers(request, cfg, secret)
         deps = _metadata(request, body, node)
         value = None
         if request.method == "PUT":
@@ -212,7 +217,8 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(400, "'value' is missing or not a string")
             if len(value.encode()) > cfg.max_value_bytes:
                 raise ApiError(413, f"value larger than {cfg.max_value_bytes} bytes")
-        reply = await node.data(request.method, key, deps, value, hops, budget, write_id)
+        reply = await node.data(request.method, key, deps, value, hops, budget, write_id, retry,
+                                request_id=REQUEST_ID.get())
         await node.durable()  # persist, then answer: what we show must survive a crash
         return _reply(reply)
 
@@ -224,9 +230,10 @@ def build_app(node: Node) -> Starlette:
         body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        hops, budget, _ = _node_headers(request, cfg, secret)
+        hops, budget, _, _ = _node_headers(request, cfg, secret)
         deps = _metadata(request, body, node)
-        reply = await node.data("GET", None, deps, None, hops, budget, page=page)
+        reply = await node.data("GET", None, deps, None, hops, budget, page=page,
+                                request_id=REQUEST_ID.get())
         await node.durable()
         return _reply(reply)
 
@@ -261,7 +268,7 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
             body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
             try:
-                answer = handler(body)
+                answer = await handler(body)
                 # a sync's "seen up to n", a handoff's ack, a pull page's fence: on disk first
                 await node.durable()
                 return _json(200, answer)

@@ -36,7 +36,7 @@ class Config:
     wait_deadline: float = 30.0  # causal waits, forwarding retries, mid-change waits
     max_waiting: int = 1000  # requests parked in a causal or handoff wait at once; more get 503
     # replication
-    gossip_interval: float = 0.2  # retry period towards an unreachable peer
+    retry_interval: float = 0.2  # retry period towards an unreachable peer (was gossip_interval)
     heartbeat_interval: float = 5.0  # idle summary exchange; news is pushed at once anyway
     replication_linger: float = 0.015  # least time between pushes to one peer under load
     batch_entries: int = 2000
@@ -132,7 +132,7 @@ _DURABILITY = ("always", "batch", "none")
 _POSITIVE = {
     "max_value_bytes", "max_key_bytes", "max_request_bytes", "max_header_bytes",
     "max_token_deps", "max_token_bytes", "max_clock_skew", "max_peer_message_bytes",
-    "max_view_nodes", "wait_deadline", "max_waiting", "gossip_interval", "heartbeat_interval",
+    "max_view_nodes", "wait_deadline", "max_waiting", "retry_interval", "heartbeat_interval",
     "batch_entries", "batch_bytes", "connect_timeout", "peer_timeout", "forward_attempt_timeout",
     "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
     "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
@@ -141,7 +141,11 @@ _POSITIVE = {
 }
 
 
-_ALIASES = {"node_id": "NODE_IDENTIFIER", "host": "HOST", "port": "PORT"}
+_ALIASES = {
+    "node_id": "NODE_IDENTIFIER", "host": "HOST", "port": "PORT",
+    "retry_interval": "KV_GOSSIP_INTERVAL",  # its old name, still accepted
+}
+_OLD_FLAGS = {"retry_interval": "--gossip-interval"}
 _SHORT = {"node_id": "--id"}
 
 
@@ -183,8 +187,9 @@ def build_parser(prog: str = "trio-kv [serve]") -> argparse.ArgumentParser:
     for f in fields(Config):
         flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
         env = f"KV_{f.name.upper()}" + (f" or {_ALIASES[f.name]}" if f.name in _ALIASES else "")
+        old = [_OLD_FLAGS[f.name]] if f.name in _OLD_FLAGS else []
         parser.add_argument(
-            flag, dest=f.name, default=None, metavar=f.name.upper(),
+            flag, *old, dest=f.name, default=None, metavar=f.name.upper(),
             help=f"{describe(f.name)} Default {f.default!r}; env {env}.",
         )
     return parser

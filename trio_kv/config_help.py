@@ -28,7 +28,8 @@ HELP: dict[str, str] = {
     "wait_deadline": "Longest a request waits for causal dependencies, a view change or "
     "forwarding retries, in seconds; then 503.",
     "max_waiting": "Most requests parked in waits at once (a count); more get 503.",
-    "gossip_interval": "Retry period towards an unreachable peer, in seconds.",
+    "retry_interval": "Retry period towards an unreachable peer, in seconds (formerly "
+    "gossip_interval, still accepted as --gossip-interval and KV_GOSSIP_INTERVAL).",
     "heartbeat_interval": "Period of the idle summary exchange between replicas, in seconds.",
     "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
     "batch_entries": "Most entries in one replication batch (a count).",

@@ -1,5 +1,6 @@
 """``GET /data``: pages of a shard's keys, and the whole key space as seen by a routing node.
 
+Pure: the core (``core/requests.py``) serves pages and gathers a routing node's listing.
 A page is the live keys after a cursor, in key order, at most ``limit`` of them; the answer
 names the cursor of the next page (``"next"``, ``null`` on the last page).  Without
 ``limit``/``after`` the answer is the original contract's, unchanged.  A node that has a view
@@ -15,13 +16,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import orjson
-import trio
 
 from .clock import Version
-from .metadata import Deps, MetadataError, merge_deps, parse_metadata, render_metadata
+from .core.events import Reply
+from .metadata import Deps, MetadataError, TokenRules, merge_deps, parse_metadata, render_metadata
 
 if TYPE_CHECKING:
-    from .node import Node, Reply
+    from .replica import Replica
 
 
 class PageError(ValueError):
@@ -56,15 +57,12 @@ def parse_page(params: Mapping[str, str], max_items: int, max_key_bytes: int) ->
     return Page(after, limit)
 
 
-def page_of(node: Node, deps: Deps, page: Page) -> Reply | None:
+def page_of(replica: Replica, rules: TokenRules, deps: Deps, page: Page) -> Reply | None:
     """One page of this replica's shard: live keys after the cursor, in key order; None when
     its token would be over the limits (the node waits for stability, as for a listing).
 
     The token covers what the page returned (its versions and their causal pasts), like the
     whole listing's does."""
-    from .node import Reply
-
-    replica = node.replica
     entries = replica.store.entries
     live = (k for k, e in entries.items()
             if e.value is not None and k > page.after and replica.owns(k))
@@ -81,37 +79,18 @@ def page_of(node: Node, deps: Deps, page: Page) -> Reply | None:
             pasts.append(entry.deps)
         items[key] = entry.value or ""
     out = replica.prune(merge_deps(*pasts, current))
-    if not node.token_rules.fits(out):
+    if not rules.fits(out):
         return None
     return Reply(200, {"items": items, "causal-metadata": render_metadata(out),
                        "next": keys[-1] if more else None})
 
 
-async def gather(
-    node: Node, deps: Deps, page: Page | None, hops: int, deadline: float
-) -> Reply:
+def merge_listings(answers: Mapping[str, Reply], deps: Deps, page: Page | None) -> Reply:
     """A routing node's ``GET /data``: every shard's listing (or page), merged.
 
     Shards hold disjoint keys, so items are a union; tokens merge per key.  For a page, each
     shard gives its first ``limit`` keys after the cursor; the first ``limit`` of the union
     are the page, and there is a next page if any shard had more or the union was cut."""
-    from .node import Reply, error
-
-    if hops >= node.config.max_hops:
-        return error(503, "request forwarded too many times; views disagree", deps)
-    view = node.replica.view
-    assert view is not None
-    answers: dict[str, Reply] = {}
-    query = page.query() if page is not None else ""
-
-    async def ask(shard: str) -> None:
-        answers[shard] = await node._forward(
-            "GET", None, deps, None, hops, deadline, shard=shard, query=query
-        )
-
-    async with trio.open_nursery() as nursery:
-        for shard in view.shards:
-            nursery.start_soon(ask, shard)
     items: dict[str, str] = {}
     tokens: list[Deps] = [deps]
     more = False
@@ -125,7 +104,8 @@ async def gather(
                 raise MetadataError("no items")
             token = parse_metadata(body.get("causal-metadata"))
         except (orjson.JSONDecodeError, MetadataError):
-            return error(502, f"shard {shard} answered GET /data with a malformed body", deps)
+            message = f"shard {shard} answered GET /data with a malformed body"
+            return Reply(502, {"error": message, "causal-metadata": render_metadata(deps)})
         items.update(body["items"])
         tokens.append(token)
         more = more or body.get("next") is not None

@@ -88,7 +88,7 @@ class NodeCollector(Collector):
                                   "max_waiting requests were already waiting.",
                                   value=st.waits_refused)
         yield GaugeMetricFamily("trio_kv_requests_waiting", "Requests parked in a causal or "
-                                "handoff wait now.", value=self.node._waiting)
+                                "handoff wait now.", value=self.node.core.waiting())
 
     def _replication(self) -> Iterator[Metric]:
         node, st = self.node, self.node.stats

@@ -123,7 +123,7 @@ class Persister:
         if replica.clock.last != self._hlc:
             self._hlc = replica.clock.last
             meta["hlc"] = str(self._hlc)
-        epochs = (replica.epoch, replica.target_epoch, replica.epoch_seen)
+        epochs = (replica.epochs.epoch, replica.epochs.target, replica.epochs.seen)
         if self.state_dirty or epochs != self._epochs:
             self.state_dirty = False
             self._epochs = epochs

@@ -1,8 +1,9 @@
-"""Start-up of a node's durable state, and the tombstone collector (shell side).
+"""Start-up of a node's durable state (shell side): the persister, loading the data
+directory, and handing the core what it recovered.
 
 Load the data directory, rejoin the view it recorded (no new ``PUT /view``), resume a view
-change that was under way, then catch up from peers as any restarted replica does: peers see a
-new stream incarnation and resend what it may lack.
+change that was under way (the core decides: ``Core.recovered``), then catch up from peers as
+any restarted replica does: peers see a new stream incarnation and resend what it may lack.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import trio
 from .config import Config
 from .messages import dumps
 from .persist import Persister
-from .replica import Replica
 from .storage import Storage
-from .tombstones import collect, horizon
 
 if TYPE_CHECKING:
     from .node import Node
@@ -26,29 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_kv.recovery")
 
 
-class Durable:
-    """The durability half of a node (a mixin of ``Node``): the persister, start-up recovery,
-    and the one wait every answer that claims data makes (``durable``)."""
-
-    config: Config
-    replica: Replica
-    persist: Persister
-
-    def _persister(self) -> Persister:
-        cfg = self.config
-        assert cfg.node_id is not None
-        durable = bool(cfg.data_dir) and cfg.durability != "none"
-        storage = Storage(cfg.data_dir, cfg.node_id) if durable else None
-        self.persist = Persister(storage, cfg.durability, cfg.dedup_entries)
-        return self.persist
-
-    async def _recover(self, nursery: trio.Nursery) -> None:
-        await recover(self, nursery)  # type: ignore[arg-type]
-
-    async def durable(self) -> None:
-        """Return once every change made so far is on disk (at once without a data dir)."""
-        if self.persist.enabled:
-            await self.persist.commit(self.replica)
+def persister(cfg: Config) -> Persister:
+    assert cfg.node_id is not None
+    durable = bool(cfg.data_dir) and cfg.durability != "none"
+    storage = Storage(cfg.data_dir, cfg.node_id) if durable else None
+    return Persister(storage, cfg.durability, cfg.dedup_entries)
 
 
 class AppliedAnswers(OrderedDict[tuple[str, bytes], Any]):
@@ -70,7 +51,7 @@ class AppliedAnswers(OrderedDict[tuple[str, bytes], Any]):
 
 
 async def recover(node: Node, nursery: trio.Nursery) -> None:
-    from .node import Reply
+    from .core import Reply
 
     cfg = node.config
     persist, replica = node.persist, node.replica
@@ -84,38 +65,15 @@ async def recover(node: Node, nursery: trio.Nursery) -> None:
         # wall clock went back.
         replica.origin = f"{node.node_id}.{persist.incarnation}.{replica.origin.split('.', 1)[1]}"
         nursery.start_soon(persist.run)
-        applied = node._applied
+        applied = node.core.requests.applied
         assert isinstance(applied, AppliedAnswers)
         for write_id, fingerprint, status, body in persist.loaded_applied:
             applied.restore((write_id, fingerprint), Reply(status, raw=body))
-        view, target = replica.view, replica.custody.target
+        view = replica.view
         log.info(
             "node %s: %s %s (%s mode): %d keys loaded in %.2fs, view %s, epoch %s", node.node_id,
             "created" if persist.created else "opened", persist.storage and persist.storage.path,
             persist.mode, persist.loaded_keys, persist.load_seconds,
             view.view_id if view else None, replica.epoch,
         )
-        if view is not None:
-            node._installs += 1
-            node._finish_progress()  # handoffs or pulls left unfinished are retried
-        if target is not None and (view is None or target.view_id != view.view_id):
-            log.info("node %s: resuming the change to view %s", node.node_id, target.view_id)
-            nursery.start_soon(node.put_view, target)
-    nursery.start_soon(node._supervise, "tombstone collector", _collector, node)
-
-
-async def _collector(node: Node) -> None:
-    """Every ``tombstone_interval``, drop tombstones ``tombstones.collectable`` allows."""
-    cfg = node.config
-    grace_ms = int(cfg.tombstone_grace * 1000)
-    while True:
-        now = node.wall_ms()
-        replica = node.replica
-        replica.collect_horizon = max(replica.collect_horizon, horizon(now, grace_ms))
-        settled = node._ready.is_set() and node.progress.state == "idle"
-        keys = collect(replica, now, grace_ms, settled)
-        if keys:
-            node.persist.tombstones_collected += len(keys)
-            log.debug("node %s: collected %d tombstones", node.node_id, len(keys))
-            await node.durable()
-        await trio.sleep(cfg.tombstone_interval)
+    node.recovered()

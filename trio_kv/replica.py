@@ -16,12 +16,12 @@ Causality (per key, pruned once stable):
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .clock import HybridClock, Version
-from .handoff import Custody, Pull, Report, Scope, in_scopes
+from .epochs import Epochs
+from .handoff import Custody, Pull
 from .messages import SyncBatch, SyncReply, WireError
 from .metadata import Deps, TokenRules, merge_deps
 from .store import Entry, Store
@@ -36,32 +36,6 @@ class ReplicaLimits:
     page_bytes: int = 4 << 20
     token: TokenRules = field(default_factory=TokenRules)
 
-
-def bounded(
-    entries: Iterable[tuple[str, Entry]], max_entries: int, max_bytes: int
-) -> Iterator[list[tuple[str, Entry]]]:
-    """Cut ``entries`` into batches of at most ``max_entries`` and ``max_bytes`` encoded; an
-    entry larger than a batch goes alone (the receiver's cap allows one entry of any size)."""
-    batch: list[tuple[str, Entry]] = []
-    size = 0
-    for key, entry in entries:
-        wire = entry.wire_size(key)
-        if batch and (len(batch) >= max_entries or size + wire > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append((key, entry))
-        size += wire
-    if batch:
-        yield batch
-
-
-@dataclass(frozen=True, slots=True)
-class NewerView:
-    """A peer serves a different view with a higher epoch: ours is probably stale."""
-
-    epoch: int
-    view_id: str
-    peer: int
 
 
 class Replica:
@@ -78,10 +52,7 @@ class Replica:
         self.claims: dict[int, int] = {}  # peer id -> how far that peer merged OUR stream
         self.peer_origin: dict[int, str] = {}
         self.custody = Custody(node_id)  # debts to old owners, fences for new ones
-        self.epoch = 0  # of our view; see observe_epoch
-        self.target_epoch = 0  # of the view we are changing to
-        self.epoch_seen = 0  # the highest epoch peers showed for other views
-        self.newer_view: NewerView | None = None
+        self.epochs = Epochs()
         # Tombstone collection (tombstones.py): each peer's claim on our stream as carried by
         # its own latest push (origin, claim), and the peer incarnations that were replaced.
         self.pushed: dict[int, tuple[str, int]] = {}
@@ -101,59 +72,39 @@ class Replica:
         """The newer view whose owners pulled ``key`` from us, if any: requests go there."""
         return self.custody.fence_for(key) if self.custody.fences else None
 
-    def fence(self, view: View, within: list[Scope]) -> None:
-        """Owners under ``view`` pulled these keys from us: from now on requests for them go
-        there, or writes acknowledged here could be missed by reads there once stable."""
-        self.custody.fence(view, within, self.view)
+    def peer_serves(self, member: int, view_id: str) -> bool:
+        """A member of a fencing view serves ours; True if a fence lifted.
 
-    def peer_serves(self, member: int, view_id: str) -> None:
+        While fenced, our pushes skipped the fenced keys yet covered their stream positions,
+        so a peer's confirmation says nothing about them.  Lifted, they are ours again: they
+        take new positions, are pushed again and count as stable only once confirmed (the
+        simulator found a read served stale after a fence lifted, staggered views)."""
+        before = list(self.custody.fences)
         self.custody.peer_serves(member, view_id, self.view)
+        lifted = [f for f in before if all(f is not g for g in self.custody.fences)]
+        if not lifted:
+            return False
+        for key in [k for k in self.store.entries if any(f.covers(k) for f in lifted)]:
+            self.store.touch(key)
+        return True
 
     # ----------------------------------------------------------------- epochs
-    def observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:
-        """Epochs are Lamport clocks over view installs: a view is installed at an epoch above
-        every epoch its node has heard of, and replicas of one view converge to the highest
-        epoch any of them gave it.  So a peer on another view with a higher epoch installed
-        it after hearing of ours, or concurrently: either way ours is not the newer one."""
-        if self.view is not None and view_id == self.view.view_id:
-            self.epoch = max(self.epoch, epoch)
-        elif self.custody.target is not None and view_id == self.custody.target.view_id:
-            self.target_epoch = max(self.target_epoch, epoch)
-        else:
-            self.epoch_seen = max(self.epoch_seen, epoch)
-            if epoch > self.epoch and (self.newer_view is None or epoch > self.newer_view.epoch):
-                self.newer_view = NewerView(epoch, view_id, peer)
+    @property
+    def epoch(self) -> int:
+        """Our view's epoch (``epochs.py``): every peer message carries it."""
+        return self.epochs.epoch
 
-    def change_epoch(self) -> int:
-        """The epoch of the view we are changing to: above everything heard of so far."""
-        self.target_epoch = max(self.target_epoch, self.epoch + 1, self.epoch_seen + 1)
-        return self.target_epoch
+    def observe_epoch(self, peer: int, epoch: int, view_id: str) -> None:
+        target = self.custody.target
+        self.epochs.observe(peer, epoch, view_id, self.view.view_id if self.view else None,
+                            target.view_id if target else None)
 
     def epoch_for(self, view: View) -> int:
         """The epoch our messages about ``view`` carry: our view's, or, for the view we are
         changing to, one above every epoch heard of (so a refusal raises it)."""
         if self.view is not None and self.view.view_id == view.view_id:
             return self.epoch
-        return self.change_epoch()
-
-    def pull_refusal(self, sender: int, view: View, within: Iterable[Scope]) -> str | None:
-        """Why a pull must be refused, if it must: it redirects our clients (fencing), so its
-        views must agree with the ones we know on every node's address, and it must come from
-        a node we know or concern a view we know (this is no authentication: that is the
-        cluster secret's job; it stops a pull built on an invented cluster)."""
-        known = [v for v in (self.view, self.custody.target) if v is not None]
-        for candidate in (view, *(v for v, _ in within)):
-            for mine in known:
-                for member in candidate.members():
-                    other = mine.member(member.id)
-                    if other is not None and other.address != member.address:
-                        return f"it gives node {member.id} another address than our view does"
-                    if member.address in mine.addresses() and other is None:
-                        return f"it gives address {member.address} to another node than ours"
-        lived = self.custody.lived | {v.view_id for v in known}
-        if any(v.member(sender) for v in known) or any(v.view_id in lived for v, _ in within):
-            return None
-        return "it comes from a node in no view we know, about keys of no view we know"
+        return self.epochs.change()
 
     def stale_puller(self, view_id: str, epoch: int) -> bool:
         """A pull for a view older than ours (another view, lower epoch).  Serving it would
@@ -272,13 +223,10 @@ class Replica:
             positions, self.epoch,
         )
 
-    def _is_peer(self, node_id: int) -> bool:
-        return any(p.id == node_id for p in self.peers)
-
     def on_sync(self, batch: SyncBatch) -> tuple[SyncReply, list[str]]:
         """Merge a peer's push atomically; returns the reply and the keys that changed."""
         view_id = self.view.view_id if self.view else ""
-        if batch.view_id != view_id or not self._is_peer(batch.sender):
+        if batch.view_id != view_id or all(p.id != batch.sender for p in self.peers):
             return SyncReply(self.origin, view_id, 0, False, self.epoch), []
         claim = batch.seen.get(self.origin, 0)
         if claim > self.store.head:
@@ -339,19 +287,10 @@ class Replica:
         return changed
 
     # ----------------------------------------------------------------- view change
-    def awaiting_handoff(self, key: str | None) -> bool:
-        """True while ``key`` (any key, for None) may have writes, even stable ones, that its
-        old owners have not handed over yet: answering from here could miss them."""
-        return self.custody.awaiting(key)
-
     def begin_change(self, old: View | None, new: View, held_data: bool) -> list[Pull]:
         """The pulls that give us custody of our range under ``new`` (see ``Custody``)."""
-        self.change_epoch()
+        self.epochs.change()
         return self.custody.begin(old, new, held_data)
-
-    def pulled(self, pull: Pull, report: Report) -> list[Pull]:
-        """The pull finished; returns the pulls its source's report adds (see ``Custody``)."""
-        return self.custody.pulled(pull, report)
 
     def install_view(self, view: View) -> None:
         """Serve ``view`` from now on.
@@ -361,11 +300,7 @@ class Replica:
         """
         if self.view is None or self.view.view_id != view.view_id:
             self.custody.installed(view)
-            self.epoch = self.change_epoch()
-            if self.newer_view is not None and (
-                self.newer_view.view_id == view.view_id or self.newer_view.epoch < self.epoch
-            ):
-                self.newer_view = None
+            self.epochs.installed(view.view_id)
         self.custody.target = view
         self.view = view
         self.shard = view.shard_of(self.node_id)
@@ -377,49 +312,3 @@ class Replica:
         for entry in self.store.entries.values():
             entry.source = ""
 
-    def foreign_keys(self, view: View) -> dict[str, list[str]]:
-        """Keys held here whose owner under ``view`` is another shard, by target shard."""
-        mine = view.shard_of(self.node_id)
-        out: dict[str, list[str]] = defaultdict(list)
-        for key in self.store.entries:
-            shard = view.shard_for(key)
-            if shard != mine:
-                out[shard].append(key)
-        return dict(out)
-
-    def entries_for(self, keys: Iterable[str]) -> list[tuple[str, Entry]]:
-        return [(k, e) for k in keys if (e := self.store.get(k)) is not None]
-
-    def pull_page(
-        self, within: Iterable[Scope], after_key: str, limit: int, max_bytes: int = 0
-    ) -> tuple[list[tuple[str, Entry]], str | None]:
-        """Entries held here in every scope of ``within``, in key order, after a cursor;
-        at most ``limit`` entries and the page byte limit (or ``max_bytes``, if smaller)."""
-        keys = sorted(
-            k for k in self.store.entries if k > after_key and in_scopes(k, within)
-        )
-        max_bytes = min(max_bytes or self.limits.page_bytes, self.limits.page_bytes)
-        limit = min(limit, self.limits.page_entries)
-        held = ((k, e) for k in keys if (e := self.store.get(k)) is not None)
-        page = next(bounded(held, limit, max_bytes), [])
-        more = page[-1][0] if len(page) < len(keys) else None
-        return page, more
-
-    def handoff_batches(self, keys: list[str]) -> Iterator[list[tuple[str, Entry]]]:
-        """What we hand off, in batches bounded like pull pages (read as they are sent, so a
-        key written meanwhile goes at its latest version)."""
-        for i in range(0, len(keys), self.limits.page_entries):
-            chunk = self.entries_for(keys[i : i + self.limits.page_entries])
-            yield from bounded(chunk, self.limits.page_entries, self.limits.page_bytes)
-
-    def drop_if_unchanged(self, sent: Iterable[tuple[str, Entry]], view: View) -> None:
-        """Forget keys handed off under ``view``, unless a newer version arrived since."""
-        mine = view.shard_of(self.node_id)
-        for key, entry in sent:
-            current = self.store.get(key)
-            if (
-                current is not None
-                and current.version == entry.version
-                and view.shard_for(key) != mine
-            ):
-                self.store.remove(key)

@@ -32,9 +32,9 @@ def dump(replica: Replica) -> dict[str, Any]:
     c = replica.custody
     return {
         "view": vid(replica.view),
-        "epoch": replica.epoch,
-        "target_epoch": replica.target_epoch,
-        "epoch_seen": replica.epoch_seen,
+        "epoch": replica.epochs.epoch,
+        "target_epoch": replica.epochs.target,
+        "epoch_seen": replica.epochs.seen,
         "custody": {
             "target": vid(c.target),
             "shard": c.shard,
@@ -97,9 +97,9 @@ def restore(replica: Replica, state: dict[str, Any], vnodes: int) -> None:
     ]
     custody.lived = {str(v) for v in cs["lived"]}
     replica.custody = custody
-    replica.epoch = int(state["epoch"])
-    replica.target_epoch = int(state["target_epoch"])
-    replica.epoch_seen = int(state["epoch_seen"])
+    replica.epochs.epoch = int(state["epoch"])
+    replica.epochs.target = int(state["target_epoch"])
+    replica.epochs.seen = int(state["epoch_seen"])
     served = view_of(state["view"])
     replica.view = served
     if served is not None:

@@ -86,6 +86,12 @@ class Store:
             self.changes[key] = entry
         return True
 
+    def touch(self, key: str) -> None:
+        """Move ``key`` to the head of the stream (peers are sent it again)."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            self._restamp(key, entry)
+
     def remove(self, key: str) -> None:
         entry = self.entries.pop(key, None)
         if entry is not None:

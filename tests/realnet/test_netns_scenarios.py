@@ -90,7 +90,7 @@ def test_sigkill_and_restart(netns_cluster: ClusterFactory, tmp_path: Path) -> N
     and what it accepts after the restart wins over what it accepted before.
 
     The writes are left to replicate before the kill: a write acknowledged by one replica and
-    not yet gossiped dies with that replica's memory (the store promises no durability), which
+    not yet replicated dies with that replica's memory (the store promises no durability), which
     is not what this test is about.
     """
     cluster = netns_cluster(3)

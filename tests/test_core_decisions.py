@@ -1,0 +1,175 @@
+"""The core on its own: inputs in, decisions out, no trio and no network.
+
+These drive one ``Core`` by hand (the way the shell and the simulator do) and read the
+decisions it makes: where a forwarded write goes after each kind of failure, what a retry
+gets from a node that restarted, how a refused batch shrinks."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from trio_kv.config import Config
+from trio_kv.core import Answer, Call, Core, Failed, Output, Request, Respond
+from trio_kv.core.forwarding import RETRY_HEADER, WRITE_ID_HEADER
+from trio_kv.messages import dumps, loads
+from trio_kv.view import View, parse_view
+
+WALL = 1_700_000_000_000
+
+
+def two_shards(*, a: list[int], b: list[int]) -> View:
+    return parse_view({"view": {
+        "A": [{"address": f"10.0.0.{i}:8081", "id": i} for i in a],
+        "B": [{"address": f"10.0.0.{i}:8081", "id": i} for i in b],
+    }})
+
+
+def calls(outputs: list[Output]) -> list[Call]:
+    return [o for o in outputs if isinstance(o, Call)]
+
+
+def replies(outputs: list[Output]) -> dict[int, Any]:
+    return {o.rid: o.reply for o in outputs if isinstance(o, Respond)}
+
+
+def serving(node_id: int, view: View, now: float = 0.0, **config: Any) -> Core:
+    """A core that installed ``view`` (every peer says it has no view yet: a fresh cluster)."""
+    core = Core(Config(node_id=node_id, **config), f"{node_id}.x", random.Random(1))
+    out = core.put_view(1, view, now, WALL)
+    fresh = dumps({"view": None, "epoch": 0})
+    while 1 not in replies(out):
+        pending = calls(out)
+        assert pending, out
+        out = []
+        for call in pending:
+            if call.path == "/view":
+                out += core.call_done(call.cid, Answer(200, fresh), now, WALL)
+            else:  # a fresh peer hands over nothing, and owes nothing
+                assert call.path == "/internal/pull"
+                peer = int(call.address.split(":")[0].rsplit(".", 1)[1])
+                page = {"entries": [], "next": None, "from": peer, "epoch": 0, "view_id": "",
+                        "report": {"view": None, "shard": None, "debts": []}}
+                out += core.call_done(call.cid, Answer(200, dumps(page)), now, WALL)
+    assert replies(out)[1].status == 200
+    return core
+
+
+def advance(core: Core, until: float) -> list[Output]:
+    """Tick every timer due up to ``until``; what they decided."""
+    out: list[Output] = []
+    while (wake := core.next_wake()) is not None and wake <= until:
+        out += core.tick(wake, WALL)
+    return out
+
+
+def key_on(view: View, shard: str) -> str:
+    return next(f"k{i}" for i in range(1000) if view.shard_for(f"k{i}") == shard)
+
+
+def test_an_ambiguous_write_failure_sticks_to_its_replica_and_marks_the_retry() -> None:
+    view = two_shards(a=[1], b=[2, 3])
+    core = serving(1, view)
+    key = key_on(view, "B")
+    out = core.request(7, Request("PUT", key, {}, "v"), 1.0, WALL)
+    (first,) = calls(out)
+    headers = dict(first.headers)
+    assert first.lane == "forward" and WRITE_ID_HEADER in headers and RETRY_HEADER not in headers
+    # the answer was lost: it may have been applied there
+    out = core.call_done(first.cid, Failed("no answer"), 6.0, WALL)
+    assert not calls(out)  # the network gets a moment first
+    (again,) = [c for c in calls(advance(core, 6.0 + core.config.retry_interval))
+                if c.lane == "forward"]
+    assert again.address == first.address, "a write that may have arrived is never sent elsewhere"
+    assert dict(again.headers)[WRITE_ID_HEADER] == headers[WRITE_ID_HEADER]
+    assert dict(again.headers)[RETRY_HEADER] == "1"
+
+
+def test_a_write_never_sent_fails_over_at_once() -> None:
+    view = two_shards(a=[1], b=[2, 3])
+    core = serving(1, view)
+    out = core.request(7, Request("PUT", key_on(view, "B"), {}, "v"), 1.0, WALL)
+    (first,) = calls(out)
+    out = core.call_done(first.cid, Failed("refused", not_sent=True), 1.1, WALL)
+    (second,) = calls(out)
+    assert second.address != first.address and RETRY_HEADER not in dict(second.headers)
+
+
+def test_a_retry_reaching_a_young_incarnation_is_answered_unknown_not_applied() -> None:
+    """The simulator's find: a node that restarted lost its write-id answers, so a retry of a
+    write its previous incarnation applied would be applied again, later, and could overwrite
+    a write made in between."""
+    view = two_shards(a=[1, 2], b=[3])
+    young = serving(1, view, now=100.0)
+    key = key_on(view, "A")
+    retry = Request("PUT", key, {}, "v", hops=1, write_id="3.x.1", retry=True)
+    reply = replies(young.request(5, retry, 101.0, WALL))[5]
+    assert reply.status == 503 and reply.payload["outcome"] == "unknown"
+    assert young.replica.store.get(key) is None
+    # long after its start, a retry it has no answer for never reached an earlier incarnation
+    reply = replies(young.request(6, retry, 100.0 + young.config.wait_deadline, WALL))[6]
+    assert reply.status == 200 and young.replica.store.get(key) is not None
+
+
+def test_a_write_id_answers_its_retry_without_applying_it_twice() -> None:
+    view = two_shards(a=[1, 2], b=[3])
+    core = serving(1, view)
+    key = key_on(view, "A")
+    req = Request("PUT", key, {}, "v", hops=1, write_id="3.x.1")
+    first = replies(core.request(5, req, 40.0, WALL))[5]
+    version = core.replica.store.get(key).version
+    retry = Request("PUT", key, {}, "v", hops=1, write_id="3.x.1", retry=True)
+    assert replies(core.request(6, retry, 41.0, WALL + 5))[6] == first
+    assert core.replica.store.get(key).version == version
+    other = Request("PUT", key, {}, "w", hops=1, write_id="3.x.1")  # same id, another write
+    assert replies(core.request(7, other, 42.0, WALL + 9))[7].status == 200
+    assert core.replica.store.get(key).value == "w"
+
+
+def test_a_batch_refused_as_too_large_is_halved_never_resent_unchanged() -> None:
+    view = two_shards(a=[1, 2], b=[3])
+    core = serving(1, view, batch_bytes=1 << 20)
+    for i, key in enumerate(k for k in (f"k{j}" for j in range(40)) if view.shard_for(k) == "A"):
+        assert replies(core.request(100 + i, Request("PUT", key, {}, "v"), 0.0, WALL))
+    pushes = [c for c in calls(core.resync(0.0, WALL)) if c.path == "/internal/sync"]
+    assert pushes, "a sender starts with the view"
+    sizes = []
+    push = pushes[0]
+    for _ in range(3):
+        sizes.append(core.replication.senders[2].max_bytes)
+        out = core.call_done(push.cid, Answer(413, b'{"error": "too large"}'), 1.0, WALL)
+        out += advance(core, core.k.now + 1.0)
+        push = next(c for c in calls(out) if c.path == "/internal/sync")
+    assert sizes == [1 << 20, 1 << 19, 1 << 18]
+
+
+def test_a_read_parks_until_its_dependency_arrives_and_then_answers() -> None:
+    view = two_shards(a=[1, 2], b=[3])
+    core = serving(1, view)
+    key = key_on(view, "A")
+    needed = {key: (WALL * 65536 + 5 << 0, 2)}
+    from trio_kv.clock import Version
+
+    deps = {key: Version(*needed[key])}
+    out = core.request(9, Request("GET", key, deps), 1.0, WALL)
+    assert 9 not in replies(out) and core.waiting() == 1
+    batch = {"sender": 2, "origin": "2.y", "view_id": view.view_id, "epoch": core.replica.epoch,
+             "after": 0, "upto": 1, "entries": [[key, "v", needed[key][0], 2, None]],
+             "seen": {}, "positions": [1]}
+    answer, out = core.on_sync(batch, 2.0, WALL)
+    assert loads(dumps(answer))["accepted"] is True
+    assert replies(out)[9].payload["value"] == "v" and core.waiting() == 0
+
+
+def test_a_copy_of_a_write_still_in_hand_is_answered_with_it_not_handled_twice() -> None:
+    """Simulator, staggered views, seed 274: two copies of one forwarded write reached a node
+    that forwarded each on its own (under new write ids); one was applied again later, over
+    a write the client made after the first was acknowledged."""
+    view = two_shards(a=[1], b=[2, 3])
+    core = serving(1, view)
+    req = Request("PUT", key_on(view, "B"), {}, "v", hops=1, write_id="9.x.1")
+    first = calls(core.request(5, req, 1.0, WALL))
+    assert len(first) == 1
+    assert calls(core.request(6, req, 1.01, WALL)) == [], "the copy is not forwarded again"
+    out = core.call_done(first[0].cid, Answer(200, b'{"causal-metadata": {}}'), 1.02, WALL)
+    assert set(replies(out)) == {5, 6}

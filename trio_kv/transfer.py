@@ -1,0 +1,104 @@
+"""What a node hands over in a view change, read from its replica (pure): pages for the
+pulls it serves, batches for the handoffs it makes, the keys it may then drop, and whether a
+pull may be served at all."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+from .handoff import Scope, in_scopes
+from .replica import Replica
+from .store import Entry
+from .view import View
+
+Entries = list[tuple[str, Entry]]
+
+
+def bounded(
+    entries: Iterable[tuple[str, Entry]], max_entries: int, max_bytes: int
+) -> Iterator[list[tuple[str, Entry]]]:
+    """Cut ``entries`` into batches of at most ``max_entries`` and ``max_bytes`` encoded; an
+    entry larger than a batch goes alone (the receiver's cap allows one entry of any size)."""
+    batch: list[tuple[str, Entry]] = []
+    size = 0
+    for key, entry in entries:
+        wire = entry.wire_size(key)
+        if batch and (len(batch) >= max_entries or size + wire > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append((key, entry))
+        size += wire
+    if batch:
+        yield batch
+
+def pull_refusal(replica: Replica, sender: int, view: View, within: Iterable[Scope]) -> str | None:
+    """Why a pull must be refused, if it must: it redirects our clients (fencing), so its
+    views must agree with the ones we know on every node's address, and it must come from
+    a node we know or concern a view we know (this is no authentication: that is the
+    cluster secret's job; it stops a pull built on an invented cluster)."""
+    known = [v for v in (replica.view, replica.custody.target) if v is not None]
+    for candidate in (view, *(v for v, _ in within)):
+        for mine in known:
+            for member in candidate.members():
+                other = mine.member(member.id)
+                if other is not None and other.address != member.address:
+                    return f"it gives node {member.id} another address than our view does"
+                if member.address in mine.addresses() and other is None:
+                    return f"it gives address {member.address} to another node than ours"
+    lived = replica.custody.lived | {v.view_id for v in known}
+    if any(v.member(sender) for v in known) or any(v.view_id in lived for v, _ in within):
+        return None
+    return "it comes from a node in no view we know, about keys of no view we know"
+
+
+def foreign_keys(replica: Replica, view: View) -> dict[str, list[str]]:
+    """Keys held here whose owner under ``view`` is another shard, by target shard."""
+    mine = view.shard_of(replica.node_id)
+    out: dict[str, list[str]] = defaultdict(list)
+    for key in replica.store.entries:
+        shard = view.shard_for(key)
+        if shard != mine:
+            out[shard].append(key)
+    return dict(out)
+
+
+def entries_for(replica: Replica, keys: Iterable[str]) -> list[tuple[str, Entry]]:
+    return [(k, e) for k in keys if (e := replica.store.get(k)) is not None]
+
+
+def pull_page(
+    replica: Replica, within: Iterable[Scope], after_key: str, limit: int, max_bytes: int = 0
+) -> tuple[list[tuple[str, Entry]], str | None]:
+    """Entries held here in every scope of ``within``, in key order, after a cursor;
+    at most ``limit`` entries and the page byte limit (or ``max_bytes``, if smaller)."""
+    keys = sorted(
+        k for k in replica.store.entries if k > after_key and in_scopes(k, within)
+    )
+    max_bytes = min(max_bytes or replica.limits.page_bytes, replica.limits.page_bytes)
+    limit = min(limit, replica.limits.page_entries)
+    held = ((k, e) for k in keys if (e := replica.store.get(k)) is not None)
+    page = next(bounded(held, limit, max_bytes), [])
+    more = page[-1][0] if len(page) < len(keys) else None
+    return page, more
+
+
+def handoff_batches(replica: Replica, keys: list[str]) -> Iterator[list[tuple[str, Entry]]]:
+    """What we hand off, in batches bounded like pull pages (read as they are sent, so a
+    key written meanwhile goes at its latest version)."""
+    for i in range(0, len(keys), replica.limits.page_entries):
+        chunk = entries_for(replica, keys[i : i + replica.limits.page_entries])
+        yield from bounded(chunk, replica.limits.page_entries, replica.limits.page_bytes)
+
+
+def drop_if_unchanged(replica: Replica, sent: Iterable[tuple[str, Entry]], view: View) -> None:
+    """Forget keys handed off under ``view``, unless a newer version arrived since."""
+    mine = view.shard_of(replica.node_id)
+    for key, entry in sent:
+        current = replica.store.get(key)
+        if (
+            current is not None
+            and current.version == entry.version
+            and view.shard_for(key) != mine
+        ):
+            replica.store.remove(key)
