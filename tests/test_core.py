@@ -309,3 +309,7 @@ def test_pulls_built_on_an_invented_or_readdressed_cluster_are_refused():
     assert pull_refusal(r, 3, grown, [(view, "A"), (grown, "B")]) is None
     assert pull_refusal(r, 91, invented, [(invented, "A")]) is not None
     assert pull_refusal(r, 1, hijack, [(view, "A"), (hijack, "A")]) is not None
+    # a node outside our view (restarted outside the final view) settling a debt of an old
+    # view we never lived: the pull is for our own view, so it can fence nothing elsewhere
+    old = parse_view({"view": {"A": [{"id": 7, "address": "h:7"}]}})
+    assert pull_refusal(r, 7, view, [(old, "A"), (view, "A")]) is None

@@ -35,8 +35,10 @@ def bounded(
 def pull_refusal(replica: Replica, sender: int, view: View, within: Iterable[Scope]) -> str | None:
     """Why a pull must be refused, if it must: it redirects our clients (fencing), so its
     views must agree with the ones we know on every node's address, and it must come from
-    a node we know or concern a view we know (this is no authentication: that is the
-    cluster secret's job; it stops a pull built on an invented cluster)."""
+    a node we know, be made for a view we know, or concern keys of a view we know (this is no
+    authentication: that is the cluster secret's job; it stops a pull built on an invented
+    cluster).  A node outside every view we know may still pull for our own view: one that
+    crashed and restarted outside the final view settles the debts it still reports."""
     known = [v for v in (replica.view, replica.custody.target) if v is not None]
     for candidate in (view, *(v for v, _ in within)):
         for mine in known:
@@ -47,7 +49,9 @@ def pull_refusal(replica: Replica, sender: int, view: View, within: Iterable[Sco
                 if member.address in mine.addresses() and other is None:
                     return f"it gives address {member.address} to another node than ours"
     lived = replica.custody.lived | {v.view_id for v in known}
-    if any(v.member(sender) for v in known) or any(v.view_id in lived for v, _ in within):
+    if view.view_id in lived or any(v.member(sender) for v in known):
+        return None  # a pull for a view we know fences (if at all) towards its real owners
+    if any(v.view_id in lived for v, _ in within):
         return None
     return "it comes from a node in no view we know, about keys of no view we know"
 
