@@ -428,9 +428,12 @@ def test_a_50000_dependency_token_is_refused_and_tokens_stay_bounded() -> None:
                       json={"value": "v", "causal-metadata": token})
             assert r.status_code == 200, r.text[:300]
             handed_out.append(r.json()["causal-metadata"])
-        for part in range(3):  # a fresh session reads each such key
+        for part in range(3):  # a fresh session reads each such key, once replicated there
             for reader in range(3):
-                r = c.get(nodes.url(reader) + f"/data/wide{part}")
+                deadline = time.monotonic() + 10
+                while (r := c.get(nodes.url(reader) + f"/data/wide{part}")).status_code == 404:
+                    assert time.monotonic() < deadline, "never replicated"
+                    time.sleep(0.05)
                 assert r.status_code == 200, r.text[:300]
                 handed_out.append(r.json()["causal-metadata"])
                 header = {"x-causal-metadata": orjson.dumps(handed_out[-1]).decode()}
