@@ -75,7 +75,7 @@ def wait_until(probe: Callable[[], T | None], *, timeout: float, interval: float
 
 def process_has_marker(pid: int, marker: str) -> bool:
     """True if ``pid`` is alive (not a zombie) and was started by us with ``marker``."""
-    for _ in range(50):
+    for _ in range(300):  # up to 3 s: a loaded machine can take that long to finish an exec
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             if stat.rsplit(")", 1)[1].split()[0] == "Z":
