@@ -29,6 +29,30 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _live: list[subprocess.Popen[bytes]] = []
 
+# CPU pinning (``run.py --pin``, on by default with >= 2 cores): every node on NODE_CPUS,
+# the harness and wrk on HARNESS_CPUS, so a row's figures are CPU per request of the nodes.
+NODE_CPUS: set[int] | None = None
+HARNESS_CPUS: set[int] | None = None
+
+
+def pin(enabled: bool) -> str:
+    """Pin nodes to core 0 and this process (hence wrk, its child) to core 1; says what it did."""
+    global NODE_CPUS, HARNESS_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2:
+        NODE_CPUS = HARNESS_CPUS = None
+        return "not pinned" + ("" if enabled else " (--no-pin)")
+    NODE_CPUS, HARNESS_CPUS = {cpus[0]}, {cpus[1]}
+    os.sched_setaffinity(0, HARNESS_CPUS)
+    return f"nodes pinned to cpu {cpus[0]}, harness and wrk to cpu {cpus[1]}"
+
+
+def _pin_child(pid: int) -> None:
+    """Pin a just-started node (it inherits the harness's core until then: a few ms)."""
+    if NODE_CPUS is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(pid, NODE_CPUS)
+
 
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on 127.0.0.1 (bound and released; tiny race, fine locally)."""
@@ -134,7 +158,9 @@ def start_node(
     env.update(env_extra or {})
     gid = GID_BASE + node_id if os.geteuid() == 0 else None
     log = logdir / f"node{node_id}-{port}.log"
-    return Proc(f"n{node_id}", node_id, port, _spawn(f"n{node_id}", argv, env, log, gid), log, gid)
+    popen = _spawn(f"n{node_id}", argv, env, log, gid)
+    _pin_child(popen.pid)
+    return Proc(f"n{node_id}", node_id, port, popen, log, gid)
 
 
 def start_ceiling(port: int, python: str, logdir: Path) -> Proc:

@@ -38,7 +38,8 @@ from report import md_table, text_table
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-ALL = ["ceiling", "single", "1x3", "3x2", "idle", "convergence", "reshard", "durability"]
+ALL = ["ceiling", "single", "1x3", "3x2", "idle", "convergence", "reshard", "firstview",
+       "durability"]
 
 
 def default_python() -> str:
@@ -121,7 +122,13 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="seconds per idle anti-entropy window (default 5 quick, 10 full)",
     )
-    ap.add_argument("--reshard-replicas", type=int, default=1, help="replicas per shard")
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=len(os.sched_getaffinity(0)) >= 2,
+        help="nodes on one core, harness and wrk on another (default: on with >= 2 cores)",
+    )
+    ap.add_argument("--reshard-replicas", type=int, default=2, help="replicas per shard")
     ap.add_argument("--out", default=str(BENCH / "out"))
     ap.add_argument(
         "--record", action="store_true", help="append to bench/RESULTS.md (full runs always do)"
@@ -160,6 +167,7 @@ async def main(a: argparse.Namespace) -> int:
         retries=2 if a.quick else 6,
     )
     info = machine(a.python)
+    log(procs.pin(a.pin))
     log(
         f"machine: {info['cpus']} x {info['cpu']}, {info['mem_gib']} GiB, python "
         f"{info['python']}, commit {info['commit']}; node: {a.node_cmd}"
@@ -176,6 +184,7 @@ async def main(a: argparse.Namespace) -> int:
         "idle": sc.idle_and_memory,
         "convergence": sc.convergence,
         "reshard": lambda c: sc.resharding(c, a.reshard_replicas),
+        "firstview": sc.first_view,
         "durability": durability.durability,
     }
     if any(s != "ceiling" for s in wanted) and "ceiling" not in wanted:

@@ -148,6 +148,11 @@ class NodeCollector(Collector):
                                   value=node.stats.view_changes)
         yield GaugeMetricFamily("trio_kv_view_epoch", "Epoch of the view this node serves.",
                                 value=node.replica.epoch)
+        shipped = CounterMetricFamily("trio_kv_transfer_entries_sent", "Entries sent for view "
+                                      "changes since start, each copy counted.", labels=["kind"])
+        shipped.add_metric(["pull"], node.stats.pull_entries_served)
+        shipped.add_metric(["handoff"], node.stats.handoff_entries_sent)
+        yield shipped
         state = GaugeMetricFamily("trio_kv_view_change_state", "1 for the current state of the "
                                   "view change (idle, changing, pending).", labels=["state"])
         for name in ("idle", "changing", "pending"):

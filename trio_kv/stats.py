@@ -51,6 +51,10 @@ class NodeStats:
     sync_entries_received: int = 0
     forward_gave_up: int = 0  # forwarded requests answered 503 because no replica answered
     view_changes: int = 0
+    # Entries this node put on the wire for view changes (each copy counted: a handoff batch
+    # sent to two receivers counts twice), so a bench can compare them with what had to move.
+    pull_entries_served: int = 0
+    handoff_entries_sent: int = 0
 
     def waited(self, seconds: float, met: bool) -> bool:
         """Count one causal wait; returns ``met``."""

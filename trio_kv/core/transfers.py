@@ -249,6 +249,7 @@ class HandoffTask(Task):
         payload = dumps(Handoff(core.changes.whoami(), self.entries).to_wire())
         for member in self._receivers():
             if member.id not in self.acked:
+                core.stats.handoff_entries_sent += len(self.entries)
                 self.call(core, core.k.call(
                     member.address, "POST", "/internal/handoff", payload,
                     core.config.peer_timeout,

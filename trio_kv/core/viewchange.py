@@ -317,6 +317,7 @@ class ViewChanges:
             replica, request.within, request.after, request.limit, request.max_bytes
         )
         report = replica.custody.report() if nxt is None else None
+        core.stats.pull_entries_served += len(entries)
         core.notify()  # a fence moves keys away: parked requests follow them
         return PullPage(self.whoami(), entries, nxt, report).to_wire()
 
@@ -351,4 +352,6 @@ class ViewChanges:
                 for d in replica.custody.debts.values()
             ],
             "change": asdict(self.progress),
+            "shipped": {"pull": self.core.stats.pull_entries_served,
+                        "handoff": self.core.stats.handoff_entries_sent},
         }
