@@ -100,7 +100,11 @@ async def change_under_traffic(
 
 
 async def test_grow_1_2_4_and_shrink_back_under_traffic(autojump_clock):
-    async with open_cluster({"A": 2}, spare=6) as cluster:
+    # The shards' listings carry the cross-shard pasts of 300 preloaded values (~325 deps),
+    # right at the default token bound (a known limit, docs/DESIGN.md): which side of it a
+    # run falls on is timing.  This test is about moving keys, so the bound is raised.
+    config = dataclasses.replace(Config(), max_token_deps=1024)
+    async with open_cluster({"A": 2}, spare=6, config=config) as cluster:
         expected, old_meta = await preload(cluster, 300)
         shapes = [
             {"A": [1, 2], "B": [3, 4]},
@@ -171,8 +175,11 @@ async def test_receiver_cut_mid_transfer_loses_nothing(autojump_clock):
         cluster.network.delays = {a: 0.05 for a in cluster.addresses.values()}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cluster.put_view, new, [1, 2, 3, 4])
-            await trio.sleep(0.3)
-            assert 0 < cluster.nodes[1].progress.keys_sent < 150, "mid-transfer"
+            stats = cluster.nodes[1].stats  # sent by pull pages or handoffs (to 3 and 4)
+            with trio.fail_after(5):
+                while stats.pull_entries_served + stats.handoff_entries_sent == 0:
+                    await trio.sleep(0.01)
+            assert stats.pull_entries_served + stats.handoff_entries_sent < 300, "mid-way"
             cluster.network.isolate(cluster.addresses[4])  # a receiver vanishes mid-transfer
             await trio.sleep(20)
             status = cluster.nodes[1].view_status()["change"]

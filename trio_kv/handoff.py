@@ -110,6 +110,7 @@ class Custody:
     pulls: dict[tuple[int, DebtId], Pull] = field(default_factory=dict)  # not yet finished
     fences: list[Fence] = field(default_factory=list)
     lived: set[str] = field(default_factory=set)  # views this incarnation installed
+    reached: set[Pull] = field(default_factory=set)  # pulls answered once: member fenced
 
     # ----------------------------------------------------------------- incoming
     def begin(self, old: View | None, new: View, held_data: bool) -> list[Pull]:
@@ -200,6 +201,7 @@ class Custody:
         if self.pulls.get(key) is not pull:
             return []
         del self.pulls[key]
+        self.reached.discard(pull)
         debt = pull.debt
         if pull.round != self.rounds.get(debt.ident):  # owed again meanwhile: pull again
             again = self.pulls[key] = Pull(pull.member, debt, self.rounds[debt.ident])
@@ -242,7 +244,14 @@ class Custody:
     def unfenced(self, key: str) -> bool:
         """True while an old owner of ``key`` has not been pulled from (and so fenced): it may
         still serve the key, so a write here must stay in tokens, not be pruned as stable."""
-        return any(p.debt.covers(key) for p in self.pulls.values())
+        return any(p.debt.covers(key) for p in self.pulls.values() if p not in self.reached)
+
+    def answered(self, pull: Pull) -> None:
+        """``pull``'s member answered a page of it, so it is fenced for the pull's keys (it
+        made the fence durable first): writes here need not wait for the rest of the pull
+        to count as stable.  Not persisted: after a restart, every pull counts again."""
+        if self.pulls.get((pull.member.id, pull.debt.ident)) is pull:
+            self.reached.add(pull)
 
     def pending_members(self) -> list[int]:
         return sorted({m for m, _ in self.pulls})

@@ -9,12 +9,13 @@ peer message is a 400 at the edge and never reaches the replica.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 import orjson
 
+from .clock import Version
 from .handoff import Report, Scope
 from .metadata import MAX_NODE_ID, Deps, MetadataError, TokenRules, check_deps, check_version
 from .store import Entry
@@ -99,6 +100,30 @@ def entry_from_wire(raw: Any, rules: WireRules) -> tuple[str, Entry]:
     except MetadataError as exc:
         raise WireError(f"entry {key[:100]!r}: {exc}") from exc
     return key, Entry(version, value, parsed)
+
+
+Digests = list[tuple[str, Version]]  # keys and the versions a node holds (no values)
+
+
+def digests_to_wire(digests: Digests) -> list[list[Any]]:
+    return [[k, v.hlc, v.node] for k, v in digests]
+
+
+def digests_from_wire(raw: Any, rules: WireRules, what: str) -> Digests:
+    if not isinstance(raw, list):
+        raise WireError(f"'{what}' must be a list of [key, timestamp, node]")
+    out: Digests = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3:
+            raise WireError(f"'{what}' must be a list of [key, timestamp, node]")
+        key, hlc, node = item
+        if not isinstance(key, str) or not key or len(key.encode()) > rules.token.max_key_bytes:
+            raise WireError(f"a key of '{what}' is not a string of 1 to max_key_bytes bytes")
+        try:
+            out.append((key, check_version(hlc, node, rules.latest_hlc)))
+        except MetadataError as exc:
+            raise WireError(f"'{what}' {key[:100]!r}: {exc}") from exc
+    return out
 
 
 def entries_to_wire(entries: list[tuple[str, Entry]]) -> list[list[Any]]:
@@ -257,7 +282,8 @@ def report_from_wire(raw: Any, rules: WireRules) -> Report:
 @dataclass(frozen=True, slots=True)
 class PullRequest:
     """A new owner under ``view`` asks for the keys we hold in every scope of ``within``
-    (which fences them here), in key order after ``after``."""
+    (which fences them here), in ring order after ``after``.  ``known``: what it holds there
+    after ``after`` (all of it if ``complete``), which is not sent again."""
 
     view: View
     within: tuple[Scope, ...]
@@ -265,10 +291,13 @@ class PullRequest:
     limit: int
     sender: Whoami
     max_bytes: int = 0  # 0: the server's own page size
+    known: Digests = field(default_factory=list)
+    complete: bool = True
 
     def to_wire(self) -> dict[str, Any]:
         return {"view": self.view.to_json(), "within": [scope_to_wire(s) for s in self.within],
                 "after": self.after, "limit": self.limit, "max_bytes": self.max_bytes,
+                "known": digests_to_wire(self.known), "complete": self.complete,
                 **self.sender.to_wire()}
 
     @classmethod
@@ -283,7 +312,12 @@ class PullRequest:
             raise WireError("'after' must be a key")
         sender = Whoami(_int(raw, "from", MAX_NODE_ID), _int(raw, "epoch"), view.view_id)
         max_bytes = _int(raw, "max_bytes") if "max_bytes" in raw else 0
-        return cls(view, within, after, max(1, _int(raw, "limit")), sender, max_bytes)
+        known = digests_from_wire(raw.get("known", []), rules, "known")
+        complete = raw.get("complete", True)
+        if not isinstance(complete, bool):
+            raise WireError("'complete' must be true or false")
+        return cls(view, within, after, _int(raw, "limit"), sender, max_bytes, known,
+                   complete)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,18 +355,55 @@ class PullPage:
 
 @dataclass(frozen=True, slots=True)
 class Handoff:
-    """Keys an old owner hands to a new one; acknowledged once merged."""
+    """Keys an old owner hands to a new one; acknowledged once merged.  An *offer* names
+    versions only: the receiver answers which of them to ``send`` (it lacks them) and, if
+    ``patient``, which it will pull from us itself (``later``); it holds the others."""
 
     sender: Whoami
     entries: list[tuple[str, Entry]]
+    offer: Digests | None = None
+    patient: bool = False
 
     def to_wire(self) -> dict[str, Any]:
+        if self.offer is not None:
+            return {"offer": digests_to_wire(self.offer), "patient": self.patient,
+                    **self.sender.to_wire()}
         return {"entries": entries_to_wire(self.entries), **self.sender.to_wire()}
 
     @classmethod
     def from_wire(cls, raw: Any, rules: WireRules) -> Handoff:
         raw = _object(raw, "a handoff")
+        if "offer" in raw:
+            patient = raw.get("patient", False)
+            if not isinstance(patient, bool):
+                raise WireError("'patient' must be true or false")
+            offer = digests_from_wire(raw["offer"], rules, "offer")
+            return cls(Whoami.from_wire(raw), [], offer, patient)
         return cls(Whoami.from_wire(raw), entries_from_wire(raw.get("entries"), rules))
+
+
+@dataclass(frozen=True, slots=True)
+class OfferReply:
+    """Which keys of an offer (by index) the receiver lacks, and which it will pull itself."""
+
+    send: list[int]
+    later: list[int]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ok": True, "send": self.send, "later": self.later}
+
+    @classmethod
+    def from_wire(cls, raw: Any, offered: int) -> OfferReply:
+        raw = _object(raw, "an offer's answer")
+        lists = []
+        for name in ("send", "later"):
+            value = raw.get(name)
+            if not isinstance(value, list) or any(
+                type(i) is not int or not 0 <= i < offered for i in value
+            ):
+                raise WireError(f"'{name}' must be a list of indices into the offer")
+            lists.append(value)
+        return cls(lists[0], lists[1])
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,7 +159,8 @@ class NodeCollector(Collector):
             state.add_metric([name], 1.0 if p.state == name else 0.0)
         yield state
         for name, value, doc in (
-            ("trio_kv_view_change_keys_sent", p.keys_sent, "Keys handed off in the last change."),
+            ("trio_kv_view_change_keys_sent", p.keys_sent, "Keys handed off in the last change "
+             "(sent, or found held already), per receiver."),
             ("trio_kv_view_change_sent_bytes", p.bytes_sent, "Bytes handed off in the last "
              "change."),
             ("trio_kv_view_change_keys_received", p.keys_received, "Keys received by handoff "

@@ -59,6 +59,9 @@ class Replica:
         self.retired: set[str] = set()
         # A dependency on a key absent here at or below this hlc names a collected tombstone.
         self.collect_horizon = 0
+        # Installs so far: an entry's ``source`` names the stream it came from under this one
+        # (older tags count as none), so installing a view need not walk the store.
+        self.generation = 0
 
     # ----------------------------------------------------------------- ownership
     def owns(self, key: str) -> bool:
@@ -200,7 +203,8 @@ class Replica:
             return None
         limit = min(max_bytes or self.limits.batch_bytes, self.limits.batch_bytes)
         after = self.claims.get(peer_id, 0)
-        skip = self.peer_origin.get(peer_id)
+        origin = self.peer_origin.get(peer_id)
+        skip = f"{self.generation}/{origin}" if origin is not None else None
         entries: list[tuple[str, Entry]] = []
         positions: list[int] = []
         size = 0
@@ -258,7 +262,8 @@ class Replica:
             if self.fence_for(key):
                 accepted, upto = batch.entries[:i], batch.positions[i] - 1
                 break
-        changed = self.merge(accepted, source=batch.origin, own_only=True)
+        changed = self.merge(accepted, source=f"{self.generation}/{batch.origin}",
+                             own_only=True)
         if batch.after <= self.seen.get(batch.origin, 0) < upto:
             self.seen[batch.origin] = upto
         seen = self.seen.get(batch.origin, 0)
@@ -309,6 +314,5 @@ class Replica:
         self.claims = {}
         self.peer_origin = {}
         self.pushed = {}
-        for entry in self.store.entries.values():
-            entry.source = ""
+        self.generation += 1  # every entry's source is forgotten
 

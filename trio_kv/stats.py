@@ -55,6 +55,8 @@ class NodeStats:
     # sent to two receivers counts twice), so a bench can compare them with what had to move.
     pull_entries_served: int = 0
     handoff_entries_sent: int = 0
+    handoff_digests_sent: int = 0  # keys and versions offered (no values)
+    pull_digests_sent: int = 0  # keys and versions a puller said it holds
 
     def waited(self, seconds: float, met: bool) -> bool:
         """Count one causal wait; returns ``met``."""

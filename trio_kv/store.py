@@ -5,18 +5,24 @@ entry gets the next sequence number of this replica's *stream*.  The stream ther
 each key once, at the position of its latest change, and "everything after seq n" is exactly
 what a peer that has seen this stream up to n may be missing.  A peer's claim "seen up to n"
 plus ``entry.seq <= n`` proves that peer holds the key at a version at least as new.
+
+Keys are also kept in ring order (``HashOrder``), so a view change reads the keys of a hash
+range without walking, let alone sorting, the whole store.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
 
 from .clock import Version
 from .metadata import Deps, token_bytes
+from .ring import key_hash
+
+Ranges = list[tuple[int, int]]  # half-open hash ranges, ascending, disjoint
 
 
 @dataclass(slots=True)
@@ -47,9 +53,60 @@ def _rank(entry: Entry) -> tuple[Version, bool, str]:
     return entry.version, entry.value is not None, entry.value or ""
 
 
+class HashOrder:
+    """Keys sorted by ``(key_hash, key)``, kept as they are written and removed.
+
+    Writes append (O(1)); the next read sorts the appended tail into place (timsort merges a
+    sorted run with a short one in linear time, in C).  Removed keys stay until the list is
+    more than half dead, and are skipped when read.  Measured against sorting the store per
+    pull page, see bench/README.md (resharding)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, str]] = []
+        self._tail = 0  # items appended since the last sort (at the end of ``_items``)
+
+    def add(self, key: str) -> None:
+        self._items.append((key_hash(key), key))
+        self._tail += 1
+
+    def _settle(self, live: Mapping[str, object]) -> list[tuple[int, str]]:
+        if len(self._items) > 2 * len(live) + 1024:
+            self._items = sorted((key_hash(k), k) for k in live)
+            self._tail = 0
+        elif self._tail:
+            self._items.sort()
+            self._tail = 0
+        return self._items
+
+    def walk(
+        self, live: Mapping[str, object], ranges: Ranges, after: str = ""
+    ) -> Iterator[str]:
+        """Live keys hashing into ``ranges``, in ring order, after the key ``after`` ("":
+        from the start).  Do not write to the store while walking."""
+        items = self._settle(live)
+        pos = (key_hash(after), after) if after else (-1, "")
+        last = None
+        for start, end in ranges:
+            if end <= pos[0]:
+                continue
+            i = bisect.bisect_right(items, pos) if start <= pos[0] else bisect.bisect_left(
+                items, (start, "")
+            )
+            n = len(items)
+            while i < n:
+                h, key = items[i]
+                if h >= end:
+                    break
+                i += 1
+                if key != last and key in live:
+                    last = key
+                    yield key
+
+
 class Store:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
+        self.order = HashOrder()
         self._stream: dict[int, str] = {}  # seq -> key, insertion order == seq order
         self._seqs: list[int] = []  # ascending, may hold dead seqs until compacted
         self.head = 0
@@ -79,6 +136,8 @@ class Store:
             if _rank(entry) <= _rank(current):
                 return False
             self._stream.pop(current.seq, None)
+        else:
+            self.order.add(key)
         entry.seq = 0
         self.entries[key] = entry
         self._restamp(key, entry)
@@ -98,6 +157,10 @@ class Store:
             self._stream.pop(entry.seq, None)
             if self.changes is not None:
                 self.changes[key] = None
+
+    def walk(self, ranges: Ranges, after: str = "") -> Iterator[str]:
+        """Keys hashing into ``ranges`` in ring order (``HashOrder.walk``)."""
+        return self.order.walk(self.entries, ranges, after)
 
     def since(self, after: int) -> Iterator[tuple[int, str, Entry]]:
         """Current entries whose stream position is after ``after``, in stream order."""

@@ -4,13 +4,14 @@ pull may be served at all."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-from .handoff import Scope, in_scopes
+from .clock import Version
+from .handoff import Scope
 from .replica import Replica
+from .ring import key_hash
 from .store import Entry
-from .view import View
+from .view import View, ranges_within
 
 Entries = list[tuple[str, Entry]]
 
@@ -57,36 +58,80 @@ def pull_refusal(replica: Replica, sender: int, view: View, within: Iterable[Sco
 
 
 def foreign_keys(replica: Replica, view: View) -> dict[str, list[str]]:
-    """Keys held here whose owner under ``view`` is another shard, by target shard."""
+    """Keys held here whose owner under ``view`` is another shard, by target shard: read
+    from the ring order range by range, so only those keys are walked."""
     mine = view.shard_of(replica.node_id)
-    out: dict[str, list[str]] = defaultdict(list)
-    for key in replica.store.entries:
-        shard = view.shard_for(key)
+    out: dict[str, list[str]] = {}
+    for shard in sorted(view.shards):
         if shard != mine:
-            out[shard].append(key)
-    return dict(out)
+            keys = list(replica.store.walk(ranges_within([(view, shard)])))
+            if keys:
+                out[shard] = keys
+    return out
 
 
 def entries_for(replica: Replica, keys: Iterable[str]) -> list[tuple[str, Entry]]:
     return [(k, e) for k in keys if (e := replica.store.get(k)) is not None]
 
 
+Known = list[tuple[str, Version]]
+
+
+def known_after(
+    replica: Replica, within: Sequence[Scope], after: str, limit: int, max_bytes: int
+) -> tuple[Known, bool]:
+    """What a puller holds of a pull's range after its cursor, for the next request: at most
+    ``limit`` keys and about ``max_bytes``; True if that is all it holds there."""
+    known: Known = []
+    size = 0
+    for key in replica.store.walk(ranges_within(within), after):
+        if len(known) >= limit or size >= max_bytes:
+            return known, False
+        entry = replica.store.entries[key]
+        known.append((key, entry.version))
+        size += len(key) + 32
+    return known, True
+
+
 def pull_page(
-    replica: Replica, within: Iterable[Scope], after_key: str, limit: int, max_bytes: int = 0
+    replica: Replica, within: Sequence[Scope], after_key: str, limit: int, max_bytes: int = 0,
+    known: Known | None = None, complete: bool = True,
 ) -> tuple[list[tuple[str, Entry]], str | None]:
-    """Entries held here in every scope of ``within``, in key order, after a cursor;
-    at most ``limit`` entries and the page byte limit (or ``max_bytes``, if smaller)."""
-    keys = sorted(
-        k for k in replica.store.entries if k > after_key and in_scopes(k, within)
-    )
+    """Entries held here in every scope of ``within``, in ring order after a cursor, less
+    those the puller says it holds (``known``) at the same version or a newer one; at most
+    ``limit`` entries and the page byte limit (or ``max_bytes``, if smaller).
+
+    Read from the store's ring order, not by sorting it.  ``known`` lists what the puller
+    holds there in that order; unless ``complete``, the page stops at its last key (what
+    follows, the puller did not say).  The cursor of the next page is returned while a page
+    holds entries, so the last page, with the report, is always empty: the puller asks for
+    it only once it merged (and made durable) everything before, which lets a handoff of the
+    same keys wait for it (``ViewChanges``).  ``limit`` 0: no entries, same cursor (a pull
+    that only fences us until its turn comes)."""
     max_bytes = min(max_bytes or replica.limits.page_bytes, replica.limits.page_bytes)
     limit = min(limit, replica.limits.page_entries)
-    held = ((k, e) for k in keys if (e := replica.store.get(k)) is not None)
-    page = next(bounded(held, limit, max_bytes), [])
-    more = page[-1][0] if len(page) < len(keys) else None
-    return page, more
-
-
+    if limit <= 0:  # a pull that only fences us for now
+        return [], after_key
+    known = known or []
+    have = dict(known)
+    bound = None if complete or not known else known[-1][0]
+    bound_pos = (key_hash(bound), bound) if bound is not None else None
+    page: list[tuple[str, Entry]] = []
+    size = 0
+    entries = replica.store.entries
+    for key in replica.store.walk(ranges_within(within), after_key):
+        if bound_pos is not None and (key_hash(key), key) > bound_pos:
+            return page, bound
+        entry = entries[key]
+        held = have.get(key)
+        if held is not None and held >= entry.version:
+            continue
+        wire = entry.wire_size(key)
+        if page and (len(page) >= limit or size + wire > max_bytes):
+            return page, page[-1][0]
+        page.append((key, entry))
+        size += wire
+    return page, (page[-1][0] if page else None)
 def handoff_batches(replica: Replica, keys: list[str]) -> Iterator[list[tuple[str, Entry]]]:
     """What we hand off, in batches bounded like pull pages (read as they are sent, so a
     key written meanwhile goes at its latest version)."""

@@ -225,3 +225,24 @@ def shards_within(view: View, within: Sequence[tuple[View, str]]) -> set[str]:
         for start in cuts
         if start < HASH_SPACE and all(_owner_at(v.ring, start) == s for v, s in within)
     }
+
+
+def ranges_within(within: Sequence[tuple[View, str]]) -> list[tuple[int, int]]:
+    """The hash ranges of the keys every ``(view, shard)`` of ``within`` gives to ``shard``:
+    what a pull page or a handoff reads from the store's ring order (``Store.walk``)."""
+    return list(_ranges(tuple((frozenset(v.shards), v.vnodes, s) for v, s in within)))
+
+
+@functools.lru_cache(maxsize=256)
+def _ranges(within: tuple[tuple[frozenset[str], int, str], ...]) -> tuple[tuple[int, int], ...]:
+    rings = [(_ring(names, vnodes), shard) for names, vnodes, shard in within]
+    cuts = sorted({0, HASH_SPACE}.union(*({p + 1 for p in r.positions} for r, _ in rings)))
+    out: list[tuple[int, int]] = []
+    for start, end in itertools.pairwise(cuts):
+        if start >= HASH_SPACE or not all(_owner_at(r, start) == s for r, s in rings):
+            continue
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return tuple(out)

@@ -159,6 +159,10 @@ class Core:
         """Data (or the view) changed: waiting readers and idle senders look again."""
         self._changed = self._dirty = True
 
+    def durable_answer(self) -> None:
+        """An answer is about to vouch for data held here: it waits for everything staged."""
+        self._dirty = True
+
     def state_changed(self) -> None:
         """The view or custody changed (a restart must resume from it)."""
         self._dirty_state = True

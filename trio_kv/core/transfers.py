@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING
 
 from .. import transfer
 from ..handoff import Pull
-from ..messages import Handoff, PeerViewStatus, PullPage, PullRequest, Whoami, WireError, dumps
+from ..messages import (
+    Handoff,
+    OfferReply,
+    PeerViewStatus,
+    PullPage,
+    PullRequest,
+    Whoami,
+    WireError,
+    dumps,
+)
 from ..store import Entry
 from ..view import Member, View
 from .events import Failed, Outcome
@@ -140,7 +149,11 @@ class Learn(Task):
 
 @dataclass(eq=False)
 class PullTask(Task):
-    """Fetch the keys of one debt from one old owner, page by page, retrying until done."""
+    """Fetch the keys of one debt from one old owner, page by page, retrying until done.
+
+    A ``held`` pull (another member of the debt's shard is being pulled) first asks for an
+    empty page, which fences its member at once, then waits for ``release``: it then asks
+    only for what the pulls before it did not bring."""
 
     pull: Pull | None = None
     view: View | None = None
@@ -148,6 +161,9 @@ class PullTask(Task):
     failures: int = 0
     max_bytes: int = 0
     started: list[Pull] = field(default_factory=list)  # pulls its report added
+    on_stall: Callable[[PullTask], None] | None = None  # called once, at its first failure
+    held: bool = False
+    paused: bool = False  # held, and its member fenced: waits for ``release``
 
     def begin(self, core: Core) -> None:
         assert self.pull is not None
@@ -163,9 +179,17 @@ class PullTask(Task):
         self.timer = None
         if core.replica.custody.pulls.get((pull.member.id, pull.debt.ident)) is not pull:
             return self.end()
+        # What we hold there already (pulled from another member, or handed to us) is not
+        # sent again.
+        known, complete = transfer.known_after(
+            core.replica, pull.debt.within, self.cursor, cfg.handoff_batch_entries,
+            self.max_bytes // 2,
+        ) if not self.held else ([], False)
+        core.stats.pull_digests_sent += len(known)
         request = PullRequest(
-            view, pull.debt.within, self.cursor, cfg.handoff_batch_entries,
+            view, pull.debt.within, self.cursor, 0 if self.held else cfg.handoff_batch_entries,
             Whoami(core.node_id, core.replica.epoch_for(view), view.view_id), self.max_bytes,
+            known, complete,
         )
         self.call(core, core.k.call(
             pull.member.address, "POST", "/internal/pull", dumps(request.to_wire()),
@@ -190,8 +214,12 @@ class PullTask(Task):
                 self.max_bytes = max(1, self.max_bytes // 2)
             self.failures += 1
             self.timer = core.k.after(core.backoff(self.failures), lambda: self._step(core))
+            if self.on_stall is not None:
+                stalled, self.on_stall = self.on_stall, None
+                stalled(self)
             return
         self.failures = 0
+        core.replica.custody.answered(pull)
         core.replica.merge(page.entries)
         progress = core.changes.progress
         progress.keys_received += len(page.entries)
@@ -202,7 +230,24 @@ class PullTask(Task):
             return self.end()
         assert page.next is not None
         self.cursor = page.next
+        if self.held:
+            self.paused = True
+            return
         self._step(core)
+
+    def release(self, core: Core, on_stall: Callable[[PullTask], None]) -> None:
+        """Its turn: pull what the pulls before it did not bring."""
+        self.held, self.on_stall = False, on_stall
+        if self.paused and not self.ended:
+            self.paused = False
+            self._step(core)
+
+    def nudge(self, core: Core) -> None:
+        """Its member just pulled from us, so it has begun the change it refused our pull
+        for (a node still learning the previous view knows no view): retry now."""
+        if self.timer is not None and self.failures and not self.ended:
+            self.timer.cancel()
+            self._step(core)
 
 
 class _Retry(Exception):
@@ -212,79 +257,163 @@ class _Retry(Exception):
 
 
 @dataclass(eq=False)
+class Receiver:
+    """One receiver's part of a handoff batch: what it has not yet said it holds."""
+
+    member: Member
+    later: Entries = field(default_factory=list)  # it pulls them from us itself
+    queue: list[Entries] = field(default_factory=list)  # to send, in chunks (last first)
+    calls: int = 0  # calls to it in flight
+    retry: Timer | None = None  # after a failed call
+    fallback: Timer | None = None  # stop waiting for it to pull ``later``
+    failures: int = 0
+
+    @property
+    def done(self) -> bool:
+        return not (self.later or self.queue or self.calls or self.retry)
+
+
+@dataclass(eq=False)
 class HandoffTask(Task):
     """Hand the keys we hold but do not own under ``view`` to every replica of ``shard``;
-    drop our copy of a batch only once every one of them acknowledged it."""
+    drop our copy of a batch only once every one of them said it holds it.
+
+    Each batch is *offered* first (keys and versions, no values): a receiver that holds a
+    version already (pulled, or handed off by another old replica) needs nothing; values go
+    only to those lacking them.  A receiver that will pull the keys from us answers ``later``:
+    we offer them again once we served it the last page of a pull (``wake``), or, failing
+    that, after ``view_change_deadline / 4``, when it must take them or say it holds them."""
 
     view: View | None = None
     shard: str = ""
     batches: Iterator[Entries] | None = None
-    todo: list[Entries] = field(default_factory=list)
     entries: Entries = field(default_factory=list)
-    acked: set[int] = field(default_factory=set)
-    split: bool = False
-    failures: int = 0
+    receivers: dict[int, Receiver] = field(default_factory=dict)
 
     def begin(self, core: Core, keys: list[str]) -> None:
         self.batches = transfer.handoff_batches(core.replica, keys)
         self._next(core)
 
-    def _receivers(self) -> tuple[Member, ...]:
-        assert self.view is not None
-        return self.view.shards[self.shard]
+    def cancel(self, core: Core) -> None:
+        for r in self.receivers.values():
+            for timer in (r.retry, r.fallback):
+                if timer is not None:
+                    timer.cancel()
+        super().cancel(core)
 
     def _next(self, core: Core) -> None:
-        if not self.todo:
-            assert self.batches is not None
-            batch = next(self.batches, None)
-            if batch is None:
-                return self.end()
-            self.todo = [batch]
-        self.entries = self.todo.pop()
-        self.acked, self.failures = set(), 0
-        self._round(core)
+        assert self.batches is not None and self.view is not None
+        batch = next(self.batches, None)
+        if batch is None:
+            return self.end()
+        self.entries, self.cids = batch, set()
+        self.receivers = {m.id: Receiver(m) for m in self.view.shards[self.shard]}
+        for r in list(self.receivers.values()):
+            self._offer(core, r, batch, patient=True)
 
-    def _round(self, core: Core) -> None:
-        self.timer, self.split = None, False
-        payload = dumps(Handoff(core.changes.whoami(), self.entries).to_wire())
-        for member in self._receivers():
-            if member.id not in self.acked:
-                core.stats.handoff_entries_sent += len(self.entries)
-                self.call(core, core.k.call(
-                    member.address, "POST", "/internal/handoff", payload,
-                    core.config.peer_timeout,
-                    lambda outcome, m=member: self._acked(core, m, outcome),  # type: ignore[misc]
-                ))
+    def _offer(self, core: Core, r: Receiver, entries: Entries, patient: bool) -> None:
+        r.retry = None
+        r.calls += 1
+        offer = [(k, e.version) for k, e in entries]
+        payload = dumps(Handoff(core.changes.whoami(), [], offer, patient).to_wire())
+        core.stats.handoff_digests_sent += len(offer)
+        self.call(core, core.k.call(
+            r.member.address, "POST", "/internal/handoff", payload, core.config.peer_timeout,
+            lambda outcome: self._offered(core, r, entries, patient, outcome),
+        ))
 
-    def _acked(self, core: Core, member: Member, outcome: Outcome) -> None:
-        last = self.answered()
+    def _offered(
+        self, core: Core, r: Receiver, entries: Entries, patient: bool, outcome: Outcome
+    ) -> None:
+        r.calls -= 1
+        raw = answer_json(outcome, "/internal/handoff")
+        try:
+            if isinstance(raw, Failed):
+                raise WireError(raw.reason)
+            reply = OfferReply.from_wire(raw, len(entries))
+        except (WireError, KeyError, TypeError) as exc:
+            return self._failed(core, r, f"handoff offer to {r.member.id} failed: {exc}",
+                                lambda: self._offer(core, r, entries, patient))
+        r.failures = 0
+        self._arrived(core, r)
+        send = [entries[i] for i in sorted(set(reply.send))]
+        r.later = [entries[i] for i in sorted(set(reply.later) - set(reply.send))]
+        if send:
+            r.queue.append(send)
+            self._send(core, r)
+        if r.later:
+            r.fallback = core.k.after(core.config.view_change_deadline / 4,
+                                   lambda: self.wake(core, r.member.id))
+        self._maybe_next(core)
+
+    def wake(self, core: Core, member: int) -> None:
+        """We served ``member`` the last page of a pull (or waited long enough): offer what
+        it said it would pull again; now it holds it, or must take it."""
+        r = self.receivers.get(member)
+        if r is None or not r.later or self.ended:
+            return
+        if r.fallback is not None:
+            r.fallback.cancel()
+        entries, r.later = r.later, []
+        self._offer(core, r, entries, patient=False)
+
+    def waits_for(self, member: int) -> bool:
+        r = self.receivers.get(member)
+        return r is not None and bool(r.later)
+
+    def _send(self, core: Core, r: Receiver) -> None:
+        r.retry = None
+        r.calls += 1
+        chunk = r.queue[-1]
+        payload = dumps(Handoff(core.changes.whoami(), chunk).to_wire())
+        core.stats.handoff_entries_sent += len(chunk)
+        self.call(core, core.k.call(
+            r.member.address, "POST", "/internal/handoff", payload, core.config.peer_timeout,
+            lambda outcome: self._sent(core, r, chunk, outcome),
+        ))
+
+    def _sent(self, core: Core, r: Receiver, chunk: Entries, outcome: Outcome) -> None:
+        r.calls -= 1
         progress = core.changes.progress
         raw = answer_json(outcome, "/internal/handoff")
         if isinstance(raw, Failed):
-            if raw.too_large and len(self.entries) > 1:
-                self.split = True
-            else:
-                core.k.log(logging.ERROR if raw.too_large else logging.INFO,
-                           f"handoff to {member.id} failed, retrying: {raw.reason}")
-                if member.id not in progress.peers_pending:
-                    progress.peers_pending.append(member.id)
-        else:
-            self.acked.add(member.id)
-            if member.id in progress.peers_pending:
-                progress.peers_pending.remove(member.id)
-            progress.keys_sent += len(self.entries)
-            progress.bytes_sent += sum(e.size for _, e in self.entries)
-        if not last:
+            if raw.too_large and len(chunk) > 1:
+                half = len(chunk) // 2
+                r.queue[-1:] = [chunk[half:], chunk[:half]]
+                return self._send(core, r)
+            level = logging.ERROR if raw.too_large else logging.INFO
+            return self._failed(core, r, f"handoff to {r.member.id} failed, retrying: "
+                                f"{raw.reason}", lambda: self._send(core, r), level)
+        r.failures = 0
+        self._arrived(core, r)
+        r.queue.pop()
+        progress.bytes_sent += sum(e.size for _, e in chunk)
+        if r.queue:
+            return self._send(core, r)
+        self._maybe_next(core)
+
+    def _arrived(self, core: Core, r: Receiver) -> None:
+        pending = core.changes.progress.peers_pending
+        if r.member.id in pending:
+            pending.remove(r.member.id)
+
+    def _failed(
+        self, core: Core, r: Receiver, why: str, again: Callable[[], None],
+        level: int = logging.INFO,
+    ) -> None:
+        core.k.log(level, why)
+        pending = core.changes.progress.peers_pending
+        if r.member.id not in pending:
+            pending.append(r.member.id)
+        r.failures += 1
+        r.retry = core.k.after(core.backoff(r.failures), again)
+
+    def _maybe_next(self, core: Core) -> None:
+        if self.ended or not all(r.done for r in self.receivers.values()):
             return
-        if self.split:
-            half = len(self.entries) // 2
-            self.todo += [self.entries[half:], self.entries[:half]]
-            return self._next(core)
-        if len(self.acked) == len(self._receivers()):
-            # Every receiver holds these versions; a key changed here since stays for the
-            # next round of handoff.
-            assert self.view is not None
-            transfer.drop_if_unchanged(core.replica, self.entries, self.view)
-            return self._next(core)
-        self.failures += 1
-        self.timer = core.k.after(core.backoff(self.failures), lambda: self._round(core))
+        # Every receiver holds these versions; a key changed here since stays for the next
+        # round of handoff.
+        assert self.view is not None
+        core.changes.progress.keys_sent += len(self.entries) * len(self.receivers)
+        transfer.drop_if_unchanged(core.replica, self.entries, self.view)
+        self._next(core)

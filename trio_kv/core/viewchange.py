@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import transfer
-from ..handoff import Pull
-from ..messages import Handoff, PullPage, PullRequest, Whoami, WireError
+from ..handoff import DebtId, Pull
+from ..messages import Digests, Handoff, OfferReply, PullPage, PullRequest, Whoami, WireError
 from ..view import Member, View
 from .events import Reply, Respond
 from .kernel import Timer
@@ -55,6 +56,10 @@ class Phase:
     tasks: list[Task] = field(default_factory=list)
     deadline: Timer | None = None
     starting: int = 0  # tasks are being started: it is not done even if none is left yet
+    # Pulls of one debt go to its members one at a time (the next once one finished or
+    # failed), so a later one sends only what the earlier ones did not (``known``).
+    held: dict[DebtId, list[PullTask]] = field(default_factory=dict)
+    running: dict[DebtId, int] = field(default_factory=dict)
 
 
 class ViewChanges:
@@ -182,17 +187,46 @@ class ViewChanges:
         for pull in pulls:
             if phase is not self.phase:
                 break
+            ident = pull.debt.ident
             task = PullTask(lambda t: self._task_ended(phase, t), pull=pull, view=phase.view)
+            if phase.running.get(ident):
+                task.held = True
+                phase.held.setdefault(ident, []).append(task)
+            else:
+                phase.running[ident] = 1
+                task.on_stall = self._stalled(phase)
             phase.tasks.append(task)
             task.begin(self.core)
         phase.starting -= 1
         self.progress.pulls_pending = self.core.replica.custody.pending_members()
+
+    def _stalled(self, phase: Phase) -> Callable[[PullTask], None]:
+        def stalled(task: PullTask) -> None:
+            assert task.pull is not None
+            self._release(phase, task.pull.debt.ident)
+
+        return stalled
+
+    def _release(self, phase: Phase, ident: DebtId) -> None:
+        """A pull of debt ``ident`` finished or failed: the next one held goes on."""
+        phase.running[ident] = max(0, phase.running.get(ident, 0) - 1)
+        waiting = phase.held.get(ident, [])
+        while waiting and phase is self.phase:
+            task = waiting.pop(0)
+            if not task.ended:
+                phase.running[ident] += 1
+                task.release(self.core, self._stalled(phase))
+                break
+        if not waiting:
+            phase.held.pop(ident, None)
 
     def _task_ended(self, phase: Phase, task: Task) -> None:
         if task in phase.tasks:
             phase.tasks.remove(task)
         if isinstance(task, PullTask):
             self.core.state_changed()  # a debt settled, or more are owed
+            if task.on_stall is not None and task.pull is not None:
+                self._release(phase, task.pull.debt.ident)
         if isinstance(task, PullTask) and task.started:
             self._start_pulls(phase, task.started)
             self.core.notify()
@@ -314,22 +348,61 @@ class ViewChanges:
         replica.custody.fence(view, list(request.within), replica.view)
         core.state_changed()  # a restart must not serve fenced keys again
         entries, nxt = transfer.pull_page(
-            replica, request.within, request.after, request.limit, request.max_bytes
+            replica, request.within, request.after, request.limit, request.max_bytes,
+            request.known, request.complete,
         )
         report = replica.custody.report() if nxt is None else None
         core.stats.pull_entries_served += len(entries)
         core.notify()  # a fence moves keys away: parked requests follow them
+        self._pulled_by(sender.node, last=report is not None)
         return PullPage(self.whoami(), entries, nxt, report).to_wire()
+
+    def _pulled_by(self, member: int, last: bool) -> None:
+        """``member`` pulls from us, so it has begun a change: a pull of ours it refused
+        (it knew no view yet) is retried now.  After its last page it holds what we served
+        (it asks for that page only once it merged the others): handoffs waiting for it
+        offer those keys again."""
+        phase = self.phase
+        for task in list(phase.tasks) if phase is not None else []:
+            if isinstance(task, PullTask) and task.pull and task.pull.member.id == member:
+                task.nudge(self.core)
+            elif last and isinstance(task, HandoffTask) and task.waits_for(member):
+                task.wake(self.core, member)
 
     def on_handoff(self, raw: Any) -> dict[str, Any]:
         core = self.core
         handoff = Handoff.from_wire(raw, core.wire_rules())
         sender = handoff.sender
         core.observe_epoch(sender.node, sender.epoch, sender.view_id)
+        if handoff.offer is not None:
+            return self._offered(handoff, handoff.offer)
         if core.replica.merge(handoff.entries):
             core.notify()
         self.progress.keys_received += len(handoff.entries)
         return {"ok": True, "received": len(handoff.entries)}
+
+    def _offered(self, handoff: Handoff, offer: Digests) -> dict[str, Any]:
+        """Which offered keys we lack; with ``patient``, those we will pull from the sender
+        ourselves (a pull of ours covers them, or we are still learning which to make) are
+        left to that pull.  Saying we hold a version lets the sender drop it, so the answer
+        waits until what we hold is durable."""
+        replica = self.core.replica
+        sender = handoff.sender.node
+        learning = self.phase is not None and any(isinstance(t, Learn) for t in self.phase.tasks)
+        pulls = [p for p in replica.custody.pulls.values() if p.member.id == sender]
+        send: list[int] = []
+        later: list[int] = []
+        for i, (key, version) in enumerate(offer):
+            entry = replica.store.get(key)
+            if entry is not None and entry.version >= version:
+                continue
+            if handoff.patient and (learning or any(p.debt.covers(key) for p in pulls)):
+                later.append(i)
+            else:
+                send.append(i)
+        if len(send) + len(later) < len(offer):
+            self.core.durable_answer()
+        return OfferReply(send, later).to_wire()
 
     def view_status(self) -> dict[str, Any]:
         replica = self.core.replica
@@ -354,4 +427,6 @@ class ViewChanges:
             "change": asdict(self.progress),
             "shipped": {"pull": self.core.stats.pull_entries_served,
                         "handoff": self.core.stats.handoff_entries_sent},
+            "digests": {"offered": self.core.stats.handoff_digests_sent,
+                        "known": self.core.stats.pull_digests_sent},
         }
