@@ -336,8 +336,9 @@ class HandoffTask(Task):
                                 lambda: self._offer(core, r, entries, patient))
         r.failures = 0
         self._arrived(core, r)
-        send = [entries[i] for i in sorted(set(reply.send))]
-        r.later = [entries[i] for i in sorted(set(reply.later) - set(reply.send))]
+        later = set(reply.later) - set(reply.send) if patient else set()
+        send = [entries[i] for i in sorted(set(reply.send) | (set(reply.later) - later))]
+        r.later = [entries[i] for i in sorted(later)]
         if send:
             r.queue.append(send)
             self._send(core, r)
