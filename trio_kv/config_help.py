@@ -34,6 +34,11 @@ HELP: dict[str, str] = {
     "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
     "batch_entries": "Most entries in one replication batch (a count).",
     "batch_bytes": "Most bytes of entries in one replication batch, in bytes.",
+    "peer_transport": "How this node calls its peers: channel (one persistent WebSocket per "
+    "peer on its own port, many calls in flight on it; a peer without it is called over HTTP) "
+    "or http (one HTTP request per call).",
+    "channel_max_in_flight": "Most frames one incoming peer channel has served at once (a "
+    "count); the channel reads no more until one is answered.",
     "connect_timeout": "Longest wait to open a connection to a peer, in seconds.",
     "peer_timeout": "Longest one replication or handoff call may take, in seconds.",
     "forward_attempt_timeout": "Longest one forwarded request to one replica may take, in "
