@@ -62,6 +62,7 @@ class Config:
     # durability (persist.py): a data directory makes writes survive kill -9 of the node
     data_dir: str = ""  # empty: memory only, as are nodes started with durability none
     durability: str = "batch"  # always (fsync per ack) | batch (group commit) | none
+    max_commit_seconds: float = 30.0  # a commit slower than this stops the node (stuck disk)
     tombstone_grace: float = 3600.0  # a delete is kept at least this long (seconds)
     tombstone_interval: float = 10.0  # how often stable tombstones are looked for
     # server
@@ -143,7 +144,7 @@ _POSITIVE = {
     "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
     "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
     "handoff_retry_interval", "fence_probe_interval", "keep_alive_timeout", "read_timeout",
-    "max_page_items", "max_request_id_bytes",
+    "max_page_items", "max_request_id_bytes", "max_commit_seconds",
 }
 
 

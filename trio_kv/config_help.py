@@ -77,6 +77,8 @@ HELP: dict[str, str] = {
     "memory (a restart starts empty).",
     "durability": "With a data dir: always (one fsync before each answer), batch (concurrent "
     "writes share one fsync, each answered after it) or none (memory only).",
+    "max_commit_seconds": "Longest one disk commit may take, in seconds; past it the disk is "
+    "taken to be stuck and the node stops (exit 3), as on a write error.",
     "tombstone_grace": "Least age of a delete before it may be forgotten, in seconds; a "
     "dependency older than this on an absent key counts as that delete.",
     "tombstone_interval": "How often stable deletes are looked for and forgotten, in seconds.",
