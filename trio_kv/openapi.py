@@ -221,6 +221,9 @@ SPEC: dict[str, Any] = {
             "view_id": {"type": "string", "nullable": True},
             "keys": {"type": "integer"},
             "change": {"type": "object"},
+            "shipped": {"type": "object", "description": "Entries sent for view changes since "
+                        "start (pull pages served, handoff copies), each copy counted.",
+                        "additionalProperties": {"type": "integer"}},
         }},
     }},
 }
