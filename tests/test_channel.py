@@ -294,9 +294,12 @@ async def test_calls_queued_during_a_send_share_the_next_message() -> None:
 
     outbox = Outbox(send)
     async with trio.open_nursery() as nursery:
-        for i in range(10):
-            nursery.start_soon(outbox.put, b"frame%d" % i)
-        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(outbox.run)
+        outbox.put(b"frame0")
+        await trio.testing.wait_all_tasks_blocked()  # the writer is sending frame0
+        for i in range(1, 10):
+            outbox.put(b"frame%d" % i)
         release.set()
-    assert [len(m) for m in sent] == [1, 9]
-    assert sorted(f for m in sent for f in m) == sorted(b"frame%d" % i for i in range(10))
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.close()
+    assert sent == [[b"frame0"], [b"frame%d" % i for i in range(1, 10)]]

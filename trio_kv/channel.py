@@ -98,7 +98,7 @@ class _Link:
             try:
                 if self.closed:
                     raise _NotSent
-                await self.outbox.put(encode_request(fid, method, path, headers, body))
+                self.outbox.put(encode_request(fid, method, path, headers, body))
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
                 raise PeerUnavailable(self.address, f"channel broke while sending: {exc!r}") \
                     from exc
@@ -131,8 +131,20 @@ class _Link:
         pending.error, pending.status = why, status
         pending.done.set()
 
+    async def write(self) -> None:
+        """The writer task: sends queued frames until the connection closes."""
+        try:
+            await self.outbox.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError,
+                LocalProtocolError) as exc:
+            self.abort(f"sending failed: {exc!r}")
+        except Exception:
+            log.exception("channel to %s: writer failed", self.address)
+            self.abort("writer failed")
+
     def abort(self, why: str) -> None:
         """Close the connection now; every call waiting on it fails (maybe applied)."""
+        self.outbox.close()
         if not self.closed:
             self.closed = True
             log.debug("channel to %s closed: %s", self.address, why)
@@ -256,6 +268,7 @@ class ChannelClient(PeerCaller):
             link = await self._connect(address)
             self._links[address] = link
             self._nursery.start_soon(self._read, link)
+            self._nursery.start_soon(link.write)
             return link
 
     async def _connect(self, address: str) -> _Link:

@@ -52,6 +52,7 @@ def channel_endpoint(
         limit = trio.Semaphore(max_in_flight)
         outbox = Outbox(ws.send_bytes)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write, outbox, nursery.cancel_scope)
             while True:
                 message = await ws.receive()
                 if message["type"] != "websocket.receive":
@@ -75,6 +76,13 @@ def channel_endpoint(
     return endpoint
 
 
+async def _write(outbox: Outbox, scope: trio.CancelScope) -> None:
+    try:
+        await outbox.run()
+    except (WebSocketDisconnect, RuntimeError):
+        scope.cancel()  # the peer went away: nobody reads the answers
+
+
 def _base_scope(ws_scope: Scope) -> dict[str, Any]:
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -96,7 +104,7 @@ async def _serve(
                 await ws.close(code=1002, reason="malformed frame")
                 return
             error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
-            await outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
+            outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
             return
         first: dict[str, str] = {}
         for name, value in headers:
@@ -110,7 +118,7 @@ async def _serve(
         else:
             status, content_type, answer = await _run(app, base, trusted, method, path, headers,
                                                       body)
-        await outbox.put(encode_answer(fid, status, content_type, answer))
+        outbox.put(encode_answer(fid, status, content_type, answer))
     except (WebSocketDisconnect, RuntimeError):
         pass  # closed while we answered (starlette raises RuntimeError after a close)
     finally:

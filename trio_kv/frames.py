@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import orjson
+import trio
 
 HEAD = struct.Struct(">I")
 MAX_FRAME_ID = (1 << 53) - 1
@@ -39,32 +40,38 @@ def pack(frames: list[bytes]) -> bytes:
 
 
 class Outbox:
-    """Frames waiting to be sent.  Whoever finds nobody sending sends what is queued, as one
-    message, and goes on while more queued meanwhile: no timer, so a lone call waits for
-    nothing, and under load calls share sends.  A failed send raises in the sending task
-    (the connection's owner closes it, failing every call on it)."""
+    """Frames waiting to be sent, sent by one writer task (``run``): each time it wakes it
+    sends everything queued as one message, so a lone call waits for nothing and under load
+    calls share sends.  Callers never do the I/O, so a caller's timeout never interrupts a
+    send that carries other calls' frames, and no caller is kept sending for others."""
 
     def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         self._send = send
         self._queue: deque[bytes] = deque()
-        self._sending = False
+        self._wake = trio.Event()
+        self.closed = False
 
-    async def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes) -> None:
         self._queue.append(frame)
-        if self._sending:
-            return  # the task sending now takes it with its next message
-        self._sending = True
-        try:
-            queue = self._queue
-            while queue:
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send until closed; a failed send raises (the connection's owner closes it)."""
+        queue = self._queue
+        while not self.closed:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while queue and not self.closed:
                 frames = [queue.popleft()]
                 size = len(frames[0])
                 while queue and size + len(queue[0]) <= BATCH_BYTES and len(frames) < MAX_FRAMES:
                     size += len(queue[0])
                     frames.append(queue.popleft())
                 await self._send(pack(frames))
-        finally:
-            self._sending = False
 
 
 def unpack(message: bytes) -> list[bytes]:
