@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .frames import FrameError, decode_request, encode_answer
+from .frames import FrameError, Outbox, decode_request, encode_answer, unpack
 from .transport import SECRET_HEADER
 
 log = logging.getLogger("trio_kv.channel")
@@ -31,9 +31,15 @@ _JSON = "application/json"
 _SECRET = SECRET_HEADER.encode()
 
 
+Direct = Callable[[str, str, dict[str, str], bytes, str], Awaitable[tuple[int, bytes] | None]]
+
+
 def channel_endpoint(
-    app: Callable[[], ASGIApp], secret: bytes, max_in_flight: int, max_head: int
+    app: Callable[[], ASGIApp], direct: Direct, secret: bytes, max_in_flight: int,
+    max_head: int,
 ) -> Callable[[WebSocket], Any]:
+    """``direct`` serves the hot routes (data, peer messages) without the ASGI stack; every
+    other frame runs through ``app``."""
     async def endpoint(ws: WebSocket) -> None:
         given = ws.headers.get(SECRET_HEADER, "").encode("latin-1")
         if secret and not hmac.compare_digest(given, secret):
@@ -44,20 +50,37 @@ def channel_endpoint(
         base = _base_scope(ws.scope)
         trusted = [(_SECRET, secret)] if secret else []
         limit = trio.Semaphore(max_in_flight)
+        outbox = Outbox(ws.send_bytes)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write, outbox, nursery.cancel_scope)
             while True:
                 message = await ws.receive()
                 if message["type"] != "websocket.receive":
                     break  # the peer went away: its calls in flight are cancelled below
-                frame = message.get("bytes")
-                if frame is None:
+                data = message.get("bytes")
+                if data is None:
                     await ws.close(code=1003, reason="the channel carries binary frames only")
                     break
-                await limit.acquire()
-                nursery.start_soon(_serve, app(), base, trusted, frame, ws, limit, max_head)
+                try:
+                    frames = unpack(data)
+                except FrameError as exc:
+                    log.warning("closing a peer channel: %s", exc)
+                    await ws.close(code=1002, reason="malformed message")
+                    break
+                for frame in frames:
+                    await limit.acquire()
+                    nursery.start_soon(_serve, app(), direct, base, trusted, frame, outbox,
+                                       ws, limit, max_head)
             nursery.cancel_scope.cancel()
 
     return endpoint
+
+
+async def _write(outbox: Outbox, scope: trio.CancelScope) -> None:
+    try:
+        await outbox.run()
+    except (WebSocketDisconnect, RuntimeError):
+        scope.cancel()  # the peer went away: nobody reads the answers
 
 
 def _base_scope(ws_scope: Scope) -> dict[str, Any]:
@@ -69,8 +92,8 @@ def _base_scope(ws_scope: Scope) -> dict[str, Any]:
 
 
 async def _serve(
-    app: ASGIApp, base: dict[str, Any], trusted: list[tuple[bytes, bytes]], frame: bytes,
-    ws: WebSocket, limit: trio.Semaphore, max_head: int,
+    app: ASGIApp, direct: Direct, base: dict[str, Any], trusted: list[tuple[bytes, bytes]],
+    frame: bytes, outbox: Outbox, ws: WebSocket, limit: trio.Semaphore, max_head: int,
 ) -> None:
     try:
         try:
@@ -81,11 +104,21 @@ async def _serve(
                 await ws.close(code=1002, reason="malformed frame")
                 return
             error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
-            await ws.send_bytes(encode_answer(exc.frame_id, 400, _JSON, error))
+            outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
             return
-        status, content_type, answer = await _run(app, base, trusted, method, path, headers,
-                                                  body)
-        await ws.send_bytes(encode_answer(fid, status, content_type, answer))
+        first: dict[str, str] = {}
+        for name, value in headers:
+            if name != SECRET_HEADER:
+                first.setdefault(name, value)
+        client = base.get("client")
+        served = await direct(method, path, first, body, client[0] if client else "?")
+        if served is not None:
+            status, answer = served
+            content_type = _JSON
+        else:
+            status, content_type, answer = await _run(app, base, trusted, method, path, headers,
+                                                      body)
+        outbox.put(encode_answer(fid, status, content_type, answer))
     except (WebSocketDisconnect, RuntimeError):
         pass  # closed while we answered (starlette raises RuntimeError after a close)
     finally:
