@@ -305,6 +305,7 @@ def build_app(node: Node) -> Starlette:
         Route("/internal/sync", _internal(node.on_sync), methods=["POST"]),
         Route("/internal/handoff", _internal(node.on_handoff), methods=["POST"]),
         Route("/internal/pull", _internal(node.on_pull), methods=["POST"]),
+        Route("/internal/stable", _internal(node.on_stable), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

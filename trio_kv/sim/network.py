@@ -220,6 +220,8 @@ class Network:
                 payload, outputs = core.on_pull(loads(call.body or b"null"), now, wall)
             elif call.path == "/internal/handoff":
                 payload, outputs = core.on_handoff(loads(call.body or b"null"), now, wall)
+            elif call.path == "/internal/stable":
+                payload, outputs = core.on_stable(loads(call.body or b"null"), now, wall)
             elif call.path == "/view":
                 return answer(200, dumps(core.view_status()))
             else:
