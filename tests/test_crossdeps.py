@@ -12,7 +12,7 @@ import trio
 
 from trio_kv.config import Config
 from trio_kv.messages import StableQuery
-from trio_kv.testing import Cluster, open_cluster
+from trio_kv.testing import Cluster, open_cluster, restart_node
 
 from .helpers import converged, keys_of, put
 
@@ -54,16 +54,11 @@ async def test_a_listing_token_stays_bounded_once_owners_prove_cross_shard_deps_
     the owners answered, the stored values hold no cross-shard dependency, and the listings
     answer 200 with small tokens."""
     async with open_cluster(SHARDS) as cluster:
-        meta: Any = None
-        async with cluster.client(1) as c:
-            for i in range(600):
-                meta = await put(c, f"key{i}", f"v{i}", meta)
+        await write_across_shards(cluster, 600)
         nodes = [1, 3, 5]  # one replica of each shard
         for node_id in nodes:
             await listing_within_bound(cluster, node_id, within=30)
-        with trio.fail_after(30):
-            while any(foreign_deps(cluster, i) for i in cluster.nodes):
-                await trio.sleep(0.5)
+        await no_foreign_deps_left(cluster, list(cluster.nodes), within=30)
         dropped = sum(n.core.crossdeps.dropped for n in cluster.nodes.values())
         assert dropped > BOUND, "the values did depend on other shards' keys"
         listed: dict[str, str] = {}
@@ -179,3 +174,42 @@ async def test_forged_stability_queries_are_refused_and_change_nothing(autojump_
             assert {k: v[:2] for k, v in after[i].items()} == {
                 k: v[:2] for k, v in before[i].items()}
         assert all(n.task_failures == 0 for n in cluster.nodes.values())
+
+
+async def write_across_shards(cluster: Cluster, count: int) -> None:
+    """One session, ``count`` keys over every shard through node 1, its token passed on."""
+    meta: Any = None
+    async with cluster.client(1) as c:
+        for i in range(count):
+            meta = await put(c, f"key{i}", f"v{i}", meta)
+
+
+async def no_foreign_deps_left(cluster: Cluster, node_ids: list[int], within: float) -> None:
+    with trio.fail_after(within):
+        while any(foreign_deps(cluster, i) for i in node_ids):
+            await trio.sleep(0.5)
+
+
+async def test_a_full_queue_delays_pruning_but_loses_none_of_it(autojump_clock):
+    """``crossdeps_queue`` bounds the keys waiting for an answer; past it the stream cursor
+    stops and resumes as answers make room, so every value is pruned in the end."""
+    cfg = Config(crossdeps_queue=4, stable_query_deps=256)
+    async with open_cluster(SHARDS, config=cfg) as cluster:
+        await write_across_shards(cluster, 200)
+        await no_foreign_deps_left(cluster, list(cluster.nodes), within=60)
+        assert any(n.core.crossdeps.full for n in cluster.nodes.values())
+        assert all(len(n.core.crossdeps.queue) <= 4 for n in cluster.nodes.values())
+
+
+async def test_a_restarted_node_prunes_again_what_it_did_not_persist(autojump_clock, tmp_path):
+    """Dropped dependencies are redundant, so they are not written to disk: a restarted node
+    loads its values with their whole causal past, and its stream cursor, starting from 0,
+    queues and prunes them again."""
+    async with open_cluster(SHARDS, data_root=str(tmp_path)) as cluster:
+        await write_across_shards(cluster, 120)
+        await no_foreign_deps_left(cluster, list(cluster.nodes), within=30)
+        assert cluster.nursery is not None
+        node = await restart_node(cluster, cluster.nursery, 1)
+        assert foreign_deps(cluster, 1), "loaded from disk with the dependencies written"
+        await no_foreign_deps_left(cluster, [1], within=30)
+        assert node.core.crossdeps.dropped > 0
