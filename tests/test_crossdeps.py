@@ -213,3 +213,18 @@ async def test_a_restarted_node_prunes_again_what_it_did_not_persist(autojump_cl
         assert foreign_deps(cluster, 1), "loaded from disk with the dependencies written"
         await no_foreign_deps_left(cluster, [1], within=30)
         assert node.core.crossdeps.dropped > 0
+
+
+async def test_metrics_count_the_dependencies_dropped(autojump_clock):
+    async with open_cluster(SHARDS) as cluster:
+        await write_across_shards(cluster, 60)
+        await no_foreign_deps_left(cluster, list(cluster.nodes), within=30)
+        total = 0
+        for node_id in cluster.nodes:
+            async with cluster.client(node_id) as c:
+                text = (await c.get("/metrics")).text
+            lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                         if line.startswith("trio_kv_crossdeps_"))
+            assert float(lines["trio_kv_crossdeps_queued"]) == 0
+            total += int(float(lines["trio_kv_crossdeps_dropped_total"]))
+        assert total == sum(n.core.crossdeps.dropped for n in cluster.nodes.values()) > 0
