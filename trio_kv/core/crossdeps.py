@@ -227,6 +227,8 @@ class CrossDeps:
         """Another shard asks which of these dependencies on our keys are stable here."""
         core = self.core
         query = StableQuery.from_wire(raw, core.wire_rules(), core.config.stable_query_deps)
+        if core.changes.changing:  # serving no view for now, as for client requests: ask later
+            return StableReply([False] * len(query.deps)).to_wire()
         return StableReply(core.replica.answer_stable(query.deps)).to_wire()
 
 
