@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Version
 from ..messages import StableQuery, StableReply, WireError, dumps
+from ..metadata import Deps
+from ..store import Entry
 from .events import Failed, Outcome
 from .kernel import Timer
 from .replication import answer_json
@@ -46,11 +48,14 @@ PATH = "/internal/stable"
 
 @dataclass(eq=False)
 class Waiting:
-    """A queued local key: when it may be asked about next, and how many answers left some
-    of its dependencies unproven."""
+    """A queued local key: when it may be asked about next, how many answers left some of its
+    dependencies unproven, and those dependencies by owning shard (cached for the ``deps``
+    dict they were computed from: a new entry, or dropped dependencies, bring a new dict)."""
 
     due: float
     tries: int = 0
+    deps: Deps | None = None
+    shards: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -83,6 +88,8 @@ class CrossDeps:
     def restart(self) -> None:
         """A view was installed (or loaded): look at every entry again under it."""
         self.cursor = 0
+        for waiting in self.queue.values():
+            waiting.deps = None  # the ring changed: group again
         self._arm(self.core.config.crossdeps_interval)
 
     def _arm(self, delay: float) -> None:
@@ -109,19 +116,19 @@ class CrossDeps:
         # when to look again: the earliest key or failed owner due, or at once if full
         nxt = min((o.due for o in self.owners.values() if o.cid is None and o.due > now),
                   default=math.inf)
+        others = set(view.shards) - {shard}
         for key in list(self.queue):
+            if others <= closed:
+                break  # every query is full or waits: their answers (or backoffs) re-arm us
             waiting = self.queue[key]
             if waiting.due > now:
                 nxt = min(nxt, waiting.due)
                 continue
             entry = replica.store.get(key)
-            foreign = replica.foreign(entry) if entry is not None and replica.owns(key) else []
-            if entry is None or not foreign:
+            by_shard = self._grouped(waiting, entry) if entry and replica.owns(key) else {}
+            if entry is None or not by_shard:
                 del self.queue[key]
                 continue
-            by_shard: dict[str, list[str]] = {}
-            for k in foreign:
-                by_shard.setdefault(view.shard_for(k), []).append(k)
             for owner, keys in by_shard.items():
                 if owner in closed:
                     continue  # asked when its call ends (that re-arms), or after its backoff
@@ -143,6 +150,17 @@ class CrossDeps:
             nxt = now
         if nxt < math.inf:
             self._arm(max(cfg.crossdeps_interval, nxt - now))
+
+    def _grouped(self, waiting: Waiting, entry: Entry) -> dict[str, list[str]]:
+        """``entry``'s dependencies on other shards' keys, by owning shard."""
+        if waiting.deps is not entry.deps:
+            view = self.core.replica.view
+            assert view is not None
+            waiting.shards = {}
+            for k in self.core.replica.foreign(entry):
+                waiting.shards.setdefault(view.shard_for(k), []).append(k)
+            waiting.deps = entry.deps
+        return waiting.shards
 
     def _scan(self) -> None:
         """Queue the entries changed since the cursor that depend on other shards' keys; at
@@ -210,10 +228,10 @@ class CrossDeps:
                 continue
             dropped += replica.drop_deps(key, stable) if stable else 0
             entry = replica.store.get(key)
-            rest = replica.foreign(entry) if entry is not None else []
+            rest = self._grouped(waiting, entry) if entry is not None and view else {}
             if not rest:
                 del self.queue[key]
-            elif view is not None and any(view.shard_for(k) == shard for k in rest):
+            elif shard in rest:
                 waiting.tries += 1
                 pause = cfg.crossdeps_interval * 2.0 ** (waiting.tries - 1)
                 waiting.due = now + min(cfg.heartbeat_interval, pause) * core.k.jitter(0.8, 1.2)
