@@ -146,11 +146,18 @@ async def drive(
     }
     dur = duration or ctx.duration
 
+    def peer_counts() -> dict[str, tuple[int, int]] | None:
+        try:
+            return ctx.peers.read_by_sender() if ctx.peers else None
+        except RuntimeError as exc:  # e.g. another bench run's cleanup removed the chain
+            ctx.log(f"    peer counters unreadable, left out: {str(exc)[:120]}")
+            return None
+
     async def once() -> wrk.WrkResult:
-        before = ctx.peers.read_by_sender() if ctx.peers else None
+        before = peer_counts()
         r = await wrk.run(target, dur, ctx.conns, args, servers=servers)
-        if ctx.peers and before is not None:
-            after = ctx.peers.read_by_sender()
+        after = peer_counts() if before is not None else None
+        if before is not None and after is not None:
             r.peer_msgs_by_sender = {n: after[n][0] - before[n][0] for n in after}
             r.peer_msgs = sum(r.peer_msgs_by_sender.values())
             r.peer_bytes = sum(after[n][1] - before[n][1] for n in after)

@@ -13,7 +13,7 @@ from trio_kv import snapshot
 from trio_kv.clock import Version
 from trio_kv.config import Config
 from trio_kv.handoff import Report
-from trio_kv.persist import Persister
+from trio_kv.persist import Persister, PersistFailed
 from trio_kv.replica import Replica
 from trio_kv.storage import Storage, StorageError
 from trio_kv.store import Entry
@@ -280,3 +280,37 @@ async def test_memory_only_nodes_still_restart_empty(autojump_clock, tmp_path):
             await put(c, "x", "1")
         node = await restart_node(cluster, cluster.nursery, 1)
         assert node.replica.view is None and not (tmp_path / "x").exists()
+
+
+async def test_a_commit_that_hangs_stops_the_writer_loudly(tmp_path):
+    """A stuck disk (an fsync that never returns) must not hold acks forever: past
+    max_commit_seconds the commit fails, its waiter learns it, and the writer stops."""
+    import threading
+
+    replica = Replica(1, "1.a")
+    p = Persister(Storage(tmp_path, 1), "batch", max_commit_seconds=0.3)
+    await p.open(replica, 128)
+    release = threading.Event()
+    real_commit = p.storage.commit  # type: ignore[union-attr]
+
+    def stuck_commit(*args):
+        release.wait(10)
+        return real_commit(*args)
+
+    p.storage.commit = stuck_commit  # type: ignore[union-attr,method-assign]
+    failures: list[BaseException] = []
+
+    async def writer() -> None:
+        try:
+            await p.run()
+        except PersistFailed as exc:
+            failures.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            replica.write("k", "v", {}, 1000)
+            with pytest.raises(PersistFailed, match="max_commit_seconds"):
+                await p.commit(replica)
+    assert failures and p.closed and p.stopped.is_set()
+    release.set()

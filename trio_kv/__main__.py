@@ -15,6 +15,7 @@ import trio
 from .cli import COMMANDS
 from .config import load_config
 from .logs import configure
+from .persist import PersistFailed
 from .server import serve
 from .storage import StorageError
 
@@ -43,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A damaged data directory is never served as an empty store: stop, naming the file.
         for leaf in _leaves(group):
             print(f"trio-kv: cannot start: {leaf}", file=sys.stderr)
+        sys.exit(3)
+    except* PersistFailed as group:
+        # The disk failed or stopped answering: acknowledging more would be a lie.
+        for leaf in _leaves(group):
+            print(f"trio-kv: stopped: the data directory failed: {leaf}", file=sys.stderr)
         sys.exit(3)
 
 

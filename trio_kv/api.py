@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .channel import CHANNEL_PATH
+from .channel_server import channel_endpoint
 from .config import Config
 from .listing import PageError, parse_page
 from .messages import WireError
@@ -306,6 +308,8 @@ def build_app(node: Node) -> Starlette:
         Route("/internal/handoff", _internal(node.on_handoff), methods=["POST"]),
         Route("/internal/pull", _internal(node.on_pull), methods=["POST"]),
         Route("/internal/stable", _internal(node.on_stable), methods=["POST"]),
+        WebSocketRoute(CHANNEL_PATH, channel_endpoint(
+            lambda: app, secret, cfg.channel_max_in_flight, cfg.max_header_bytes)),
     ]
     app = Starlette(
         routes=routes,

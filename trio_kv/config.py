@@ -42,6 +42,8 @@ class Config:
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20
     # peer calls
+    peer_transport: str = "channel"  # channel (one WebSocket per peer) | http (a call each)
+    channel_max_in_flight: int = 256  # frames served at once on one incoming channel
     connect_timeout: float = 1.0
     peer_timeout: float = 5.0  # one replication or handoff call
     forward_attempt_timeout: float = 5.0  # one forwarded request to one replica
@@ -64,6 +66,7 @@ class Config:
     # durability (persist.py): a data directory makes writes survive kill -9 of the node
     data_dir: str = ""  # empty: memory only, as are nodes started with durability none
     durability: str = "batch"  # always (fsync per ack) | batch (group commit) | none
+    max_commit_seconds: float = 30.0  # a commit slower than this stops the node (stuck disk)
     tombstone_grace: float = 3600.0  # a delete is kept at least this long (seconds)
     tombstone_interval: float = 10.0  # how often stable tombstones are looked for
     # server
@@ -98,6 +101,8 @@ class Config:
             raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS).lower()}")
         if self.log_format not in _LOG_FORMATS:
             raise ConfigError("log_format", f"must be one of {', '.join(_LOG_FORMATS)}")
+        if self.peer_transport not in _PEER_TRANSPORTS:
+            raise ConfigError("peer_transport", f"must be one of {', '.join(_PEER_TRANSPORTS)}")
         if self.durability not in _DURABILITY:
             raise ConfigError("durability", f"must be one of {', '.join(_DURABILITY)}")
         if self.tombstone_interval <= 0:
@@ -138,16 +143,18 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("auto", "json", "text")
 _NON_NEGATIVE = {"gc_gen0_threshold", "shutdown_grace", "replication_linger", "tombstone_grace"}
 _DURABILITY = ("always", "batch", "none")
+_PEER_TRANSPORTS = ("channel", "http")
 _POSITIVE = {
     "max_value_bytes", "max_key_bytes", "max_request_bytes", "max_header_bytes",
     "max_token_deps", "max_token_bytes", "max_clock_skew", "max_peer_message_bytes",
     "max_view_nodes", "wait_deadline", "max_waiting", "retry_interval", "heartbeat_interval",
-    "batch_entries", "batch_bytes", "connect_timeout", "peer_timeout", "forward_attempt_timeout",
+    "batch_entries", "batch_bytes", "channel_max_in_flight", "connect_timeout", "peer_timeout",
+    "forward_attempt_timeout",
     "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
     "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
     "handoff_retry_interval", "fence_probe_interval", "crossdeps_interval", "crossdeps_queue",
     "stable_query_deps", "keep_alive_timeout", "read_timeout",
-    "max_page_items", "max_request_id_bytes",
+    "max_page_items", "max_request_id_bytes", "max_commit_seconds",
 }
 
 

@@ -34,6 +34,11 @@ HELP: dict[str, str] = {
     "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
     "batch_entries": "Most entries in one replication batch (a count).",
     "batch_bytes": "Most bytes of entries in one replication batch, in bytes.",
+    "peer_transport": "How this node calls its peers: channel (one persistent WebSocket per "
+    "peer on its own port, many calls in flight on it; a peer without it is called over HTTP) "
+    "or http (one HTTP request per call).",
+    "channel_max_in_flight": "Most frames one incoming peer channel has served at once (a "
+    "count); the channel reads no more until one is answered.",
     "connect_timeout": "Longest wait to open a connection to a peer, in seconds.",
     "peer_timeout": "Longest one replication or handoff call may take, in seconds.",
     "forward_attempt_timeout": "Longest one forwarded request to one replica may take, in "
@@ -78,6 +83,8 @@ HELP: dict[str, str] = {
     "memory (a restart starts empty).",
     "durability": "With a data dir: always (one fsync before each answer), batch (concurrent "
     "writes share one fsync, each answered after it) or none (memory only).",
+    "max_commit_seconds": "Longest one disk commit may take, in seconds; past it the disk is "
+    "taken to be stuck and the node stops (exit 3), as on a write error.",
     "tombstone_grace": "Least age of a delete before it may be forgotten, in seconds; a "
     "dependency older than this on an absent key counts as that delete.",
     "tombstone_interval": "How often stable deletes are looked for and forgotten, in seconds.",

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from .channel import ChannelClient
 from .config import Config
 from .core import (
     Answer,
@@ -48,7 +49,13 @@ from .persist import Persister
 from .recovery import AppliedAnswers, persister, recover
 from .replica import Replica
 from .stats import NodeStats
-from .transport import PeerClient, PeerUnavailable, TransportFactory, real_transport
+from .transport import (
+    PeerCaller,
+    PeerClient,
+    PeerUnavailable,
+    TransportFactory,
+    real_transport,
+)
 from .view import View
 
 log = logging.getLogger("trio_kv.node")
@@ -67,6 +74,25 @@ class _Waiter:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.reply: Reply | None = None
+
+
+def peer_clients(config: Config, factory: TransportFactory) -> dict[str, PeerCaller]:
+    """Replication has at most one call in flight per peer; forwarding is bounded by its own
+    limiter.  Separate clients keep one lane's traffic from queueing behind the other's (a
+    4 MiB sync batch ahead of a forwarded GET).  Channels need real sockets: an injected
+    transport (in-process tests) means HTTP."""
+    made: dict[str, PeerCaller] = {}
+    for lane, concurrency in (("peer", 8), ("forward", config.forward_concurrency)):
+        http = PeerClient(factory, concurrency, config.connect_timeout,
+                          config.client_keepalive_expiry, config.cluster_secret,
+                          config.max_peer_message_bytes)
+        if config.peer_transport == "channel" and factory is real_transport:
+            made[lane] = ChannelClient(
+                concurrency, config.connect_timeout, config.client_keepalive_expiry,
+                config.cluster_secret, config.max_peer_message_bytes, fallback=http)
+        else:
+            made[lane] = http
+    return made
 
 
 class Node:
@@ -88,19 +114,7 @@ class Node:
         self.core = Core(config, origin, rng)
         self.persist: Persister = persister(config)
         self.core.requests.applied = AppliedAnswers(self.persist)
-        keepalive = config.client_keepalive_expiry
-        # Replication has at most one call in flight per peer; forwarding is bounded by its own
-        # limiter.  Separate clients keep one pool's bookkeeping from slowing the other.
-        self._clients = {
-            "peer": PeerClient(
-                transport_factory, 8, config.connect_timeout, keepalive, config.cluster_secret,
-                config.max_peer_message_bytes,
-            ),
-            "forward": PeerClient(
-                transport_factory, config.forward_concurrency, config.connect_timeout,
-                keepalive, config.cluster_secret, config.max_peer_message_bytes,
-            ),
-        }
+        self._clients = peer_clients(config, transport_factory)
         self._failures = 0  # shell steps that failed (each logged; the node goes on)
         self.started = trio.Event()
         self._rids = itertools.count(1)
@@ -122,11 +136,11 @@ class Node:
         return self.core.stats
 
     @property
-    def sync_client(self) -> PeerClient:
+    def sync_client(self) -> PeerCaller:
         return self._clients["peer"]
 
     @property
-    def forward_client(self) -> PeerClient:
+    def forward_client(self) -> PeerCaller:
         return self._clients["forward"]
 
     @property
@@ -154,6 +168,8 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for client in self._clients.values():
+                    client.start(nursery)
                 await recover(self, nursery)  # load the data directory, if there is one
                 nursery.start_soon(self._timers)
                 self.started.set()

@@ -54,7 +54,8 @@ class _Batch:
 
 class Persister:
     def __init__(
-        self, storage: Storage | None, mode: str = "batch", keep_applied: int = 10_000
+        self, storage: Storage | None, mode: str = "batch", keep_applied: int = 10_000,
+        max_commit_seconds: float = 30.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"durability must be one of {', '.join(MODES)}, not {mode!r}")
@@ -67,6 +68,7 @@ class Persister:
         self._epochs: tuple[int, int, int] = (-1, -1, -1)
         self.state_dirty = False
         self.keep_applied = keep_applied
+        self.max_commit_seconds = max_commit_seconds
         self._applied: list[Applied] = []  # answers to forwarded writes, for the next commit
         self.loaded_applied: list[Applied] = []  # what the data directory remembered
         self.commits = 0
@@ -179,6 +181,7 @@ class Persister:
         storage = self.storage
         if storage is None:
             return
+        stuck = False
         try:
             while True:
                 while not self._queue:
@@ -189,9 +192,16 @@ class Persister:
                 deletes = [k for k, r in batch.rows.items() if r is None]
                 self._queue.popleft()  # from here on, new changes go into a new batch
                 try:
-                    await self._off_loop(storage.commit, upserts, deletes, batch.meta,
-                                         batch.applied, self.keep_applied)
+                    # A disk that hangs (a stuck fsync) would hold every ack, sync claim and
+                    # handoff forever: past the bound the node stops, loudly, as on an error.
+                    with trio.fail_after(self.max_commit_seconds):
+                        await self._off_loop(storage.commit, upserts, deletes, batch.meta,
+                                             batch.applied, self.keep_applied, abandon=True)
                 except Exception as exc:
+                    if isinstance(exc, trio.TooSlowError):
+                        stuck = True
+                        exc = PersistFailed(f"a commit took over {self.max_commit_seconds:g}s "
+                                            "(max_commit_seconds): the disk is not answering")
                     batch.error = exc
                     batch.done.set()
                     log.critical("commit to %s failed, stopping: %s", storage.path, exc)
@@ -203,15 +213,16 @@ class Persister:
             for waiting in self._queue:  # never acknowledged: a crash loses them too
                 waiting.error = PersistFailed("the node stopped before this was written")
                 waiting.done.set()
-            with trio.CancelScope(shield=True):
-                await self._off_loop(storage.close)
+            if not stuck:  # else the abandoned thread still holds the file: leave it
+                with trio.CancelScope(shield=True):
+                    await self._off_loop(storage.close)
             self.stopped.set()
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _off_loop(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
         if self.inline:
             await trio.lowlevel.checkpoint()
             return fn(*args)
-        return await trio.to_thread.run_sync(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon)
 
     def stats(self) -> dict[str, Any]:
         if self.storage is None:

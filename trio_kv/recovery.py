@@ -29,7 +29,7 @@ def persister(cfg: Config) -> Persister:
     assert cfg.node_id is not None
     durable = bool(cfg.data_dir) and cfg.durability != "none"
     storage = Storage(cfg.data_dir, cfg.node_id) if durable else None
-    return Persister(storage, cfg.durability, cfg.dedup_entries)
+    return Persister(storage, cfg.durability, cfg.dedup_entries, cfg.max_commit_seconds)
 
 
 class AppliedAnswers(OrderedDict[tuple[str, bytes], Any]):

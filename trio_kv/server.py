@@ -49,6 +49,8 @@ async def serve(config: Config) -> None:
     )
     hcfg.graceful_timeout = config.shutdown_grace
     hcfg.h11_max_incomplete_size = config.max_header_bytes
+    # a peer channel's frame: one peer message, plus its head
+    hcfg.websocket_max_message_size = config.max_peer_message_bytes + config.max_header_bytes
     hcfg.accesslog = None
     hcfg.errorlog = logging.getLogger("hypercorn.error")
     stop = trio.Event()

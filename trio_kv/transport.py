@@ -85,7 +85,48 @@ class PeerUnavailable(Exception):
         return self.status == 413
 
 
-class PeerClient:
+class PeerCaller:
+    """What the node calls peers through: over HTTP (``PeerClient``) or over a persistent
+    channel (``channel.ChannelClient``); both bound every call the same way."""
+
+    route_of = staticmethod(route_of)
+
+    def __init__(self, concurrency: int) -> None:
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.stats = PeerStats()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background work (a channel's readers) runs in the node's nursery."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def request(
+        self,
+        address: str,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float,
+    ) -> PeerResponse:
+        raise NotImplementedError
+
+    async def post_json(self, address: str, path: str, payload: Any, timeout: float) -> Any:
+        """POST a peer message; the decoded JSON answer, or PeerUnavailable."""
+        resp = await self.request(address, "POST", path, content=dumps(payload), timeout=timeout)
+        if resp.status != 200:
+            raise PeerUnavailable(
+                address, f"{path} answered {resp.status}: {resp.body[:200]!r}", status=resp.status
+            )
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise PeerUnavailable(address, f"{path} answered malformed JSON") from exc
+
+
+class PeerClient(PeerCaller):
     def __init__(
         self,
         factory: TransportFactory,
@@ -95,7 +136,7 @@ class PeerClient:
         secret: str = "",
         max_answer_bytes: int = 16 << 20,
     ) -> None:
-        self.limiter = trio.CapacityLimiter(concurrency)
+        super().__init__(concurrency)
         self._max_answer = max_answer_bytes
         self._factory = factory
         self._limits = httpx.Limits(
@@ -106,7 +147,6 @@ class PeerClient:
         self._connect_timeout = connect_timeout
         self._pools: dict[str, httpx.AsyncBaseTransport] = {}
         self._headers = {SECRET_HEADER: secret} if secret else {}
-        self.stats = PeerStats()
 
     def _pool_for(self, address: str) -> httpx.AsyncBaseTransport:
         """One pool per peer: httpcore scans every pooled connection on each request, so a
@@ -200,15 +240,3 @@ class PeerClient:
             await resp.aclose()
         content_type = resp.headers.get("content-type", "")
         return PeerResponse(resp.status_code, b"".join(chunks), content_type)
-
-    async def post_json(self, address: str, path: str, payload: Any, timeout: float) -> Any:
-        """POST a peer message; the decoded JSON answer, or PeerUnavailable."""
-        resp = await self.request(address, "POST", path, content=dumps(payload), timeout=timeout)
-        if resp.status != 200:
-            raise PeerUnavailable(
-                address, f"{path} answered {resp.status}: {resp.body[:200]!r}", status=resp.status
-            )
-        try:
-            return resp.json()
-        except ValueError as exc:
-            raise PeerUnavailable(address, f"{path} answered malformed JSON") from exc

@@ -1,0 +1,243 @@
+"""The peer channel over real loopback sockets: a real node's app served by hypercorn.
+
+What it must keep from HTTP peer calls: every bound (timeouts, stalls, answer sizes), the
+secret, ``not_sent`` only when provably not sent, and a node that survives any frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import partial
+
+import orjson
+import pytest
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    RejectConnection,
+    TextMessage,
+)
+from wsproto.events import Request as WSRequest
+
+from trio_kv.api import build_app
+from trio_kv.channel import CHANNEL_PATH, ChannelClient
+from trio_kv.config import Config
+from trio_kv.frames import decode_answer, decode_request, encode_request
+from trio_kv.node import Node
+from trio_kv.transport import PeerClient, PeerUnavailable, real_transport
+from trio_kv.view import parse_view
+
+SECRET = "s3cret"
+
+
+async def _serve(nursery: trio.Nursery, app: object) -> str:
+    cfg = HyperConfig()
+    cfg.bind = ["127.0.0.1:0"]
+    cfg.accesslog = None
+    binds = await nursery.start(partial(serve, app, cfg))  # type: ignore[arg-type]
+    return str(binds[0]).removeprefix("http://")
+
+
+async def _node(nursery: trio.Nursery, secret: str = "") -> tuple[Node, str]:
+    node = Node(Config(node_id=1, host="127.0.0.1", cluster_secret=secret))
+    await nursery.start(node.run)
+    address = await _serve(nursery, build_app(node))
+    view = parse_view({"view": {"s1": [{"id": 1, "address": address}]}})
+    assert await node.put_view(view) is None
+    return node, address
+
+
+def _client(secret: str = "", max_answer: int = 16 << 20) -> ChannelClient:
+    fallback = PeerClient(real_transport, 8, 1.0, 5.0, secret, max_answer)
+    return ChannelClient(8, 1.0, 5.0, secret, max_answer, fallback=fallback)
+
+
+async def test_many_calls_share_one_connection(nursery: trio.Nursery) -> None:
+    _n, address = await _node(nursery, SECRET)
+    client = _client(SECRET)
+    client.start(nursery)
+    answers: list[int] = []
+
+    async def put_then_get(i: int) -> None:
+        body = orjson.dumps({"value": f"v{i}"})
+        put = await client.request(address, "PUT", f"/data/k{i}", content=body, timeout=5)
+        got = await client.request(address, "GET", f"/data/k{i}", timeout=5)
+        assert put.status in (200, 201) and got.json()["value"] == f"v{i}"
+        answers.append(i)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as inner:
+            for i in range(50):
+                inner.start_soon(put_then_get, i)
+    assert sorted(answers) == list(range(50))
+    assert len(client._links) == 1  # every call went over one connection
+    assert client.stats.failures == {}
+
+
+async def test_node_headers_count_on_an_authenticated_channel(nursery: trio.Nursery) -> None:
+    """The handshake carried the secret, so a frame's node-only headers are honoured (a
+    hops count at the limit refuses to forward further), and a frame's own secret header,
+    right or wrong, changes nothing."""
+    _n, address = await _node(nursery, SECRET)
+    client = _client(SECRET)
+    client.start(nursery)
+    headers = {"x-kv-hops": "99", "x-kv-secret": "wrong"}
+    resp = await client.request(address, "GET", "/data/k", headers=headers, timeout=5)
+    assert resp.status == 400 and "X-KV-Hops" in resp.json()["error"]
+
+
+async def test_a_wrong_secret_is_refused_at_the_handshake(nursery: trio.Nursery) -> None:
+    _n, address = await _node(nursery, SECRET)
+    client = _client("not-the-secret")
+    client.start(nursery)
+    with pytest.raises(PeerUnavailable) as info:
+        await client.request(address, "GET", "/ping", timeout=5)
+    assert info.value.status == 401 and info.value.not_sent
+
+
+async def test_a_peer_without_the_channel_is_called_over_http(nursery: trio.Nursery) -> None:
+    async def ping(request: Request) -> JSONResponse:
+        return JSONResponse({"old": True})
+
+    address = await _serve(nursery, Starlette(routes=[Route("/ping", ping)]))
+    client = _client()
+    client.start(nursery)
+    for _ in range(2):  # the second call goes straight to HTTP
+        resp = await client.request(address, "GET", "/ping", timeout=5)
+        assert resp.status == 200 and resp.json() == {"old": True}
+    assert not client._links
+
+
+async def test_connection_refused_is_not_sent(nursery: trio.Nursery) -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    client = _client()
+    client.start(nursery)
+    with pytest.raises(PeerUnavailable) as info:
+        await client.request(f"127.0.0.1:{port}", "GET", "/ping", timeout=2)
+    assert info.value.not_sent
+
+
+async def _silent_peer(nursery: trio.Nursery, answer_size: int = 0) -> tuple[str, list[int]]:
+    """A peer that accepts the channel, then never answers (a partition after the handshake),
+    or answers every frame with ``answer_size`` bytes of body."""
+    connections: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, WSRequest):
+                    await stream.send_all(ws.send(AcceptConnection()))
+                elif isinstance(event, BytesMessage) and answer_size:
+                    fid = decode_request(bytes(event.data), 4096)[0]
+                    head = orjson.dumps([fid, 200, "application/json"])
+                    frame = struct.pack(">I", len(head)) + head + b"x" * answer_size
+                    await stream.send_all(ws.send(BytesMessage(frame)))
+
+    listeners = await nursery.start(trio.serve_tcp, handle, 0)
+    port = listeners[0].socket.getsockname()[1]
+    return f"127.0.0.1:{port}", connections
+
+
+async def test_a_stalled_channel_times_out_and_is_replaced(nursery: trio.Nursery) -> None:
+    address, connections = await _silent_peer(nursery)
+    client = _client()
+    client.start(nursery)
+    for _ in range(2):
+        with trio.fail_after(5):
+            with pytest.raises(PeerUnavailable) as info:
+                await client.request(address, "GET", "/ping", timeout=0.3)
+        assert not info.value.not_sent  # it reached the peer: it may have been applied
+    assert len(connections) == 2  # the stalled connection was dropped, not reused
+
+
+async def test_an_answer_over_the_limit_is_refused_as_too_large(nursery: trio.Nursery) -> None:
+    address, _ = await _silent_peer(nursery, answer_size=200_000)
+    client = _client(max_answer=100_000)
+    client.start(nursery)
+    with pytest.raises(PeerUnavailable) as info:
+        await client.request(address, "GET", "/ping", timeout=5)
+    assert info.value.too_large
+
+
+async def _raw_channel(address: str, secret: str) -> tuple[trio.SocketStream, WSConnection]:
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(WSRequest(
+        host=address, target=CHANNEL_PATH, extra_headers=[(b"x-kv-secret", secret.encode())])))
+    while True:
+        ws.receive_data(await stream.receive_some(65536))
+        for event in ws.events():
+            assert not isinstance(event, RejectConnection)
+            if isinstance(event, AcceptConnection):
+                return stream, ws
+
+
+async def _answers(stream: trio.SocketStream, ws: WSConnection, n: int) -> list[object]:
+    out: list[object] = []
+    with trio.fail_after(5):
+        while len(out) < n:
+            data = await stream.receive_some(65536)
+            if not data:
+                out.append("eof")
+                break
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, BytesMessage):
+                    out.append(decode_answer(bytes(event.data), 4096))
+                elif isinstance(event, CloseConnection):
+                    out.append(("close", event.code))
+    return out
+
+
+@pytest.mark.parametrize("frame", [
+    encode_request(7, "BREW", "/ping", {}, b""),
+    encode_request(7, "GET", "ping", {}, b""),
+    encode_request(7, "GET", "/ping", {"bad name": "x"}, b""),
+    struct.pack(">I", 13) + b'[7,"GET","/"]',
+    encode_request(7, "PUT", "/data/k", {}, b"{not json"),
+    encode_request(7, "POST", "/internal/sync", {}, b'{"sender": "x"}'),
+])
+async def test_bad_frames_get_400_and_change_nothing(nursery: trio.Nursery, frame: bytes) -> None:
+    node, address = await _node(nursery, SECRET)
+    stream, ws = await _raw_channel(address, SECRET)
+    await stream.send_all(ws.send(BytesMessage(frame)))
+    [(fid, status, _ctype, body)] = await _answers(stream, ws, 1)  # type: ignore[misc]
+    assert (fid, status) == (7, 400) and "error" in orjson.loads(body)
+    assert len(node.replica.store) == 0 and node.task_failures == 0
+
+
+@pytest.mark.parametrize("message", [
+    BytesMessage(b"\x00"), BytesMessage(struct.pack(">I", 1 << 30) + b"[]"),
+    BytesMessage(struct.pack(">I", 2) + b"{}"), TextMessage("hello"),
+])
+async def test_unreadable_frames_close_the_channel_not_the_node(
+    nursery: trio.Nursery, message: BytesMessage | TextMessage
+) -> None:
+    node, address = await _node(nursery, SECRET)
+    stream, ws = await _raw_channel(address, SECRET)
+    await stream.send_all(ws.send(message))
+    [ending] = await _answers(stream, ws, 1)
+    assert ending == "eof" or ending[0] == "close"  # type: ignore[index]
+    client = _client(SECRET)
+    client.start(nursery)
+    assert (await client.request(address, "GET", "/ping", timeout=5)).status == 200
+    assert node.task_failures == 0

@@ -1,0 +1,342 @@
+"""Peer calls over one persistent WebSocket per peer, on the peer's own port.
+
+A forwarded request over HTTP cost a full hypercorn request at the owner plus an httpx call
+here, three times a local request.  A channel carries many calls at once on one connection
+(frames in ``frames.py``, matched by id, answered in any order), and the owner runs each frame
+through the same ASGI app as an HTTP request (``channel_server.py``), minus HTTP parsing.
+
+Bounds: every call sits in a cancel scope of its timeout, connecting and the handshake in
+``connect_timeout``, calls in flight in a capacity limiter, answers in ``max_answer_bytes``.
+A call whose frame provably never left (connect or handshake failed, or the connection closed
+before our frame was written) is ``not_sent``; otherwise it may have been applied.  A call that
+timed out on a connection that has received nothing since the call was sent takes the
+connection down with it (a partition): the next call reconnects.  A peer that does not serve
+the channel (403 or 404: an older version) is called over HTTP instead, so clusters can upgrade one
+node at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from .frames import FrameError, decode_answer, encode_request, peek_id
+from .observe import REQUEST_ID, REQUEST_ID_HEADER
+from .transport import SECRET_HEADER, PeerCaller, PeerClient, PeerResponse, PeerUnavailable
+
+log = logging.getLogger("trio_kv.channel")
+
+CHANNEL_PATH = "/internal/channel"
+MAX_ANSWER_HEAD = 4096
+RECEIVE_BYTES = 65536
+HTTP_ONLY_FOR = 60.0  # seconds a peer without the channel is called over HTTP before we re-ask
+
+
+class _NotSent(Exception):
+    """The connection closed before our frame was written: safe to send it elsewhere."""
+
+
+class _Pending:
+    __slots__ = ("done", "error", "response", "status")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: PeerResponse | None = None
+        self.error = ""
+        self.status: int | None = None
+
+
+class _Link:
+    """One open WebSocket to one peer, shared by every call to it."""
+
+    def __init__(self, address: str, stream: trio.SocketStream, ws: WSConnection) -> None:
+        self.address = address
+        self.stream = stream
+        self.ws = ws
+        self.pending: dict[int, _Pending] = {}
+        self.closed = False
+        self.received_at = trio.current_time()
+        self.used_at = self.received_at
+        self._ids = itertools.count(1)
+        self._send_lock = trio.Lock()
+
+    async def send(self, event: Event) -> None:
+        async with self._send_lock:
+            if self.closed:
+                raise _NotSent
+            data = self.ws.send(event)
+            try:
+                await self.stream.send_all(data)
+            except BaseException:
+                self.abort("sending failed")  # a partly written frame leaves the stream unusable
+                raise
+
+    async def call(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> PeerResponse:
+        fid = next(self._ids)
+        pending = self.pending[fid] = _Pending()
+        self.used_at = sent_at = trio.current_time()
+        try:
+            try:
+                await self.send(BytesMessage(encode_request(fid, method, path, headers, body)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
+                raise PeerUnavailable(self.address, f"channel broke while sending: {exc!r}") \
+                    from exc
+            await pending.done.wait()
+        finally:
+            self.pending.pop(fid, None)
+            if not pending.done.is_set() and not self.closed and self.received_at <= sent_at:
+                self.abort("a call timed out with nothing received since it was sent")
+        if pending.response is None:
+            raise PeerUnavailable(self.address, pending.error, status=pending.status)
+        self.used_at = trio.current_time()
+        return pending.response
+
+    def deliver(self, frame: bytes) -> None:
+        try:
+            fid, status, content_type, body = decode_answer(frame, MAX_ANSWER_HEAD)
+        except FrameError as exc:
+            self.abort(f"malformed answer frame: {exc}")
+            return
+        pending = self.pending.get(fid)
+        if pending is not None:  # else: an answer to a call that timed out meanwhile
+            pending.response = PeerResponse(status, body, content_type)
+            pending.done.set()
+
+    def refuse(self, fid: int | None, why: str, status: int) -> None:
+        pending = self.pending.get(fid) if fid is not None else None
+        if pending is None:
+            self.abort(why)
+            return
+        pending.error, pending.status = why, status
+        pending.done.set()
+
+    def abort(self, why: str) -> None:
+        """Close the connection now; every call waiting on it fails (maybe applied)."""
+        if not self.closed:
+            self.closed = True
+            log.debug("channel to %s closed: %s", self.address, why)
+            self.stream.socket.close()  # wakes the reader
+        for pending in self.pending.values():
+            if not pending.done.is_set():
+                pending.error = f"channel closed: {why}"
+                pending.done.set()
+
+    def idle_for(self, now: float) -> float:
+        return 0.0 if self.pending else now - self.used_at
+
+
+class ChannelClient(PeerCaller):
+    """Peer calls over channels; same interface and bounds as the HTTP ``PeerClient``."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        connect_timeout: float,
+        keepalive_expiry: float,
+        secret: str = "",
+        max_answer_bytes: int = 16 << 20,
+        fallback: PeerClient | None = None,
+    ) -> None:
+        super().__init__(concurrency)
+        self._connect_timeout = connect_timeout
+        self._expiry = keepalive_expiry
+        self._secret = secret
+        self._max_answer = max_answer_bytes
+        self._fallback = fallback
+        self._links: dict[str, _Link] = {}
+        self._connecting: dict[str, trio.Lock] = {}
+        self._http_only: dict[str, float] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Connections' readers run in the node's nursery (one per open channel)."""
+        self._nursery = nursery
+
+    async def aclose(self) -> None:
+        for link in self._links.values():
+            link.abort("shutting down")
+        self._links.clear()
+        if self._fallback is not None:
+            await self._fallback.aclose()
+
+    async def request(
+        self,
+        address: str,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float,
+    ) -> PeerResponse:
+        until = self._http_only.get(address)
+        if until is not None and self._fallback is not None:
+            if trio.current_time() < until:
+                return await self._fallback.request(
+                    address, method, path, content=content, headers=headers, timeout=timeout)
+            del self._http_only[address]
+        hdrs = dict(headers or {})
+        if (request_id := REQUEST_ID.get()) is not None:
+            hdrs[REQUEST_ID_HEADER] = request_id
+        if content is not None:
+            hdrs.setdefault("content-type", "application/json")
+        body = content or b""
+        stats, route = self.stats, self.route_of(path)
+        stats.add(stats.calls, route)
+        stats.add(stats.bytes_sent, route, len(body))
+        try:
+            resp = await self._request(address, method, path, hdrs, body, timeout)
+        except _UseHttp:
+            assert self._fallback is not None
+            return await self._fallback.request(
+                address, method, path, content=content, headers=headers, timeout=timeout)
+        except PeerUnavailable:
+            stats.add(stats.failures, route)
+            raise
+        stats.add(stats.bytes_received, route, len(resp.body))
+        return resp
+
+    async def _request(
+        self, address: str, method: str, path: str, headers: dict[str, str], body: bytes,
+        timeout: float,
+    ) -> PeerResponse:
+        if len(body) > self._max_answer:
+            raise PeerUnavailable(address, f"request larger than {self._max_answer} bytes "
+                                  "(max_peer_message_bytes)", not_sent=True, status=413)
+        borrower = object()
+        with trio.move_on_after(timeout):
+            await self.limiter.acquire_on_behalf_of(borrower)
+            try:
+                for attempt in (1, 2):
+                    link = await self._link(address)
+                    try:
+                        return await link.call(method, path, headers, body)
+                    except _NotSent:
+                        if attempt == 2:
+                            raise PeerUnavailable(address, "channel closed before sending",
+                                                  not_sent=True) from None
+            finally:
+                self.limiter.release_on_behalf_of(borrower)
+        raise PeerUnavailable(address, f"no answer within {timeout:.1f}s")
+
+    async def _link(self, address: str) -> _Link:
+        link = self._links.get(address)
+        if link is not None and not link.closed:
+            if link.idle_for(trio.current_time()) < self._expiry:
+                return link
+            link.abort("idle")  # before the peer's read timeout closes it under a call
+        lock = self._connecting.setdefault(address, trio.Lock())
+        async with lock:
+            link = self._links.get(address)
+            if link is not None and not link.closed:
+                return link
+            if self._nursery is None:
+                raise PeerUnavailable(address, "this node is not running", not_sent=True)
+            link = await self._connect(address)
+            self._links[address] = link
+            self._nursery.start_soon(self._read, link)
+            return link
+
+    async def _connect(self, address: str) -> _Link:
+        host, _, port = address.rpartition(":")
+        with trio.move_on_after(self._connect_timeout):
+            try:
+                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            except OSError as exc:
+                raise PeerUnavailable(address, f"connect failed: {exc!r}", True) from exc
+            try:
+                return await self._handshake(address, stream)
+            except BaseException:
+                stream.socket.close()
+                raise
+        raise PeerUnavailable(address, f"no channel within {self._connect_timeout:g}s", True)
+
+    async def _handshake(self, address: str, stream: trio.SocketStream) -> _Link:
+        ws = WSConnection(ConnectionType.CLIENT)
+        extra = [(SECRET_HEADER.encode(), self._secret.encode())] if self._secret else []
+        try:
+            await stream.send_all(ws.send(Request(host=address, target=CHANNEL_PATH,
+                                                  extra_headers=extra)))
+            while True:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    raise PeerUnavailable(address, "closed during the channel handshake", True)
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, AcceptConnection):
+                        return _Link(address, stream, ws)
+                    if isinstance(event, RejectConnection):
+                        # Starlette refuses a WebSocket on a path it has no route for with 403
+                        if event.status_code in (403, 404) and self._fallback is not None:
+                            self._http_only[address] = trio.current_time() + HTTP_ONLY_FOR
+                            raise _UseHttp
+                        raise PeerUnavailable(address, f"channel refused ({event.status_code})",
+                                              True, status=event.status_code)
+        except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+            raise PeerUnavailable(address, f"channel handshake failed: {exc!r}", True) from exc
+
+    async def _read(self, link: _Link) -> None:
+        """Deliver answers until the connection ends; never raises into the node."""
+        parts: list[bytes] = []
+        size = 0
+        why = "the peer closed the channel"
+        try:
+            while not link.closed:
+                data = await link.stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    break
+                link.received_at = trio.current_time()
+                link.ws.receive_data(data)
+                for event in link.ws.events():
+                    if isinstance(event, BytesMessage):
+                        size += len(event.data)
+                        if size <= self._max_answer + MAX_ANSWER_HEAD or not parts:
+                            parts.append(bytes(event.data))
+                        if event.message_finished:
+                            frame, too_large = b"".join(parts), size > self._max_answer
+                            parts, size = [], 0
+                            if too_large:
+                                link.refuse(peek_id(frame, MAX_ANSWER_HEAD), "answer larger "
+                                            f"than {self._max_answer} bytes", 413)
+                            else:
+                                link.deliver(frame)
+                    elif isinstance(event, Ping):
+                        await link.send(event.response())
+                    elif isinstance(event, CloseConnection):
+                        why = f"the peer closed the channel ({event.code})"
+                        break
+                    else:
+                        why = f"unexpected {type(event).__name__} on the channel"
+                        break
+                else:
+                    continue
+                break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError,
+                RemoteProtocolError, LocalProtocolError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        except Exception:
+            log.exception("channel to %s: reader failed", link.address)
+            why = "reader failed"
+        finally:
+            link.abort(why)
+            if self._links.get(link.address) is link:
+                del self._links[link.address]
+
+
+class _UseHttp(Exception):
+    """The peer does not serve the channel: call it over HTTP."""
