@@ -241,3 +241,29 @@ async def test_unreadable_frames_close_the_channel_not_the_node(
     client.start(nursery)
     assert (await client.request(address, "GET", "/ping", timeout=5)).status == 200
     assert node.task_failures == 0
+
+
+async def test_direct_frames_are_bounded_counted_and_checked_like_http(
+    nursery: trio.Nursery,
+) -> None:
+    """Data and peer-message frames skip the ASGI stack; they must still be bounded by the
+    same request limit, counted in /metrics' request stats, and refuse a bad request id."""
+    node, address = await _node(nursery, SECRET)
+    client = _client(SECRET)
+    client.start(nursery)
+    big = orjson.dumps({"value": "x" * (node.config.max_request_bytes + 10)})
+    resp = await client.request(address, "PUT", "/data/k", content=big, timeout=10)
+    assert resp.status == 413
+    resp = await client.request(address, "GET", "/data/k", headers={"x-request-id": "a b"},
+                                timeout=5)
+    assert resp.status == 400 and "X-Request-Id" in resp.json()["error"]
+    resp = await client.request(address, "PUT", "/data/k", content=b'{"value": "v"}',
+                                headers={"x-request-id": "trace-1"}, timeout=5)
+    assert resp.status in (200, 201)
+    assert (await client.request(address, "GET", "/data", timeout=5)).status == 200  # via app
+    assert len(node.replica.store) == 1
+    resp = await client.request(address, "GET", "/metrics", timeout=5)
+    text = resp.body.decode()
+    assert 'method="PUT",route="/data/{key}",status="413"} 1.0' in text
+    assert 'method="GET",route="/data/{key}",status="400"} 1.0' in text
+    assert 'method="PUT",route="/data/{key}",status="200"} 1.0' in text

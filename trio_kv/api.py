@@ -6,6 +6,8 @@ import hmac
 import logging
 import math
 import re
+import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -28,7 +30,7 @@ from .messages import WireError
 from .metadata import Deps, MetadataError, parse_metadata
 from .metrics import CONTENT_TYPE, registry_for, render
 from .node import BUDGET_HEADER, HOPS_HEADER, RETRY_HEADER, WRITE_ID_HEADER, Node, Reply
-from .observe import REQUEST_ID, ObserveMiddleware, RequestStats
+from .observe import REQUEST_ID, REQUEST_ID_HEADER, ObserveMiddleware, Observer, RequestStats
 from .openapi import SPEC
 from .persist import PersistFailed
 from .transport import SECRET_HEADER
@@ -88,7 +90,11 @@ async def _body(request: Request, limit: int, timeout: float) -> Any:
             chunks.append(chunk)
     if scope.cancelled_caught:
         raise ApiError(408, f"request body not received within {timeout:g}s (read_timeout)")
-    raw = b"".join(chunks)
+    return _decode(b"".join(chunks))
+
+
+def _decode(raw: bytes) -> Any:
+    """The decoded JSON body, or ``_NO_BODY`` when it is empty."""
     if not raw.strip():
         return _NO_BODY
     try:
@@ -97,10 +103,10 @@ async def _body(request: Request, limit: int, timeout: float) -> Any:
         raise ApiError(400, "request body is not valid JSON") from exc
 
 
-def _metadata(request: Request, body: Any, node: Node) -> Deps:
+def _metadata(headers: Mapping[str, str], body: Any, node: Node) -> Deps:
     if isinstance(body, dict) and METADATA_FIELD in body:
         raw = body[METADATA_FIELD]
-    elif (header := request.headers.get(METADATA_HEADER)) is not None and header.strip():
+    elif (header := headers.get(METADATA_HEADER)) is not None and header.strip():
         try:
             raw = orjson.loads(header)
         except orjson.JSONDecodeError as exc:
@@ -113,17 +119,21 @@ def _metadata(request: Request, body: Any, node: Node) -> Deps:
         raise ApiError(400, str(exc)) from exc
 
 
-def _key_of(request: Request) -> str:
+def key_of_path(raw_path: bytes) -> str:
     """The key is one raw path segment, percent-decoded: ``a%2Fb`` is the key ``a/b``."""
+    segment = raw_path.split(b"?", 1)[0][len(b"/data/") :]
+    if not segment or b"/" in segment:
+        raise ApiError(400, "a key is one non-empty URL path segment")
+    try:
+        return unquote_to_bytes(segment).decode()
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "key is not valid UTF-8") from exc
+
+
+def _key_of(request: Request) -> str:
     raw_path = request.scope.get("raw_path")
     if raw_path:
-        segment = raw_path.split(b"?", 1)[0][len(b"/data/") :]
-        if not segment or b"/" in segment:
-            raise ApiError(400, "a key is one non-empty URL path segment")
-        try:
-            return unquote_to_bytes(segment).decode()
-        except UnicodeDecodeError as exc:
-            raise ApiError(400, "key is not valid UTF-8") from exc
+        return key_of_path(raw_path)
     key: str = request.path_params["key"]
     if not key or "/" in key:
         raise ApiError(400, "a key is one non-empty URL path segment")
@@ -140,12 +150,11 @@ def _has_secret(request: Request, secret: bytes) -> bool:
 
 
 def _node_headers(
-    request: Request, cfg: Config, secret: bytes
+    headers: Mapping[str, str], cfg: Config, trusted: bool
 ) -> tuple[int, float | None, str | None, bool]:
     """Hops, budget, write id and retry mark: set by nodes when they forward.  Always
-    validated; with a cluster secret they count only on requests that carry it (a client's
-    are ignored)."""
-    headers = request.headers
+    validated; with a cluster secret they count only on requests that carry it (``trusted``;
+    a client's are ignored)."""
     hops_text = headers.get(HOPS_HEADER)
     budget_text = headers.get(BUDGET_HEADER)
     write_id = headers.get(WRITE_ID_HEADER)
@@ -169,7 +178,7 @@ def _node_headers(
         raise ApiError(400, "X-KV-Write-Id must be 1 to 128 of A-Z a-z 0-9 . _ -")
     if retry_text is not None and (retry_text != "1" or write_id is None):
         raise ApiError(400, "X-KV-Retry must be 1, and only with X-KV-Write-Id")
-    if secret and not _has_secret(request, secret):
+    if not trusted:
         return 0, None, None, False
     return hops, budget, write_id, retry_text is not None
 
@@ -200,17 +209,24 @@ def build_app(node: Node) -> Starlette:
     async def ping(request: Request) -> Response:
         return _json(200, {"ok": True, "id": node.node_id, "view": node.replica.view is not None})
 
-    async def data_key(request: Request) -> Response:
-        key = _key_of(request)
+    def _valid_key(key: str) -> str:
         if len(key.encode()) > cfg.max_key_bytes:
             raise ApiError(400, f"key longer than {cfg.max_key_bytes} bytes")
-        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
+        return key
+
+    def trusted(request: Request) -> bool:
+        return not secret or _has_secret(request, secret)
+
+    async def data_key_reply(
+        method: str, key: str, body: Any, headers: Mapping[str, str], trust: bool
+    ) -> Reply:
+        """``/data/<key>``, over HTTP or a peer channel (``trust``: it carried the secret)."""
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        hops, budget, write_id, retry = _node_headers(request, cfg, secret)
-        deps = _metadata(request, body, node)
+        hops, budget, write_id, retry = _node_headers(headers, cfg, trust)
+        deps = _metadata(headers, body, node)
         value = None
-        if request.method == "PUT":
+        if method == "PUT":
             if body is _NO_BODY:
                 raise ApiError(400, "PUT needs a JSON body with a 'value'")
             assert isinstance(body, dict)
@@ -219,9 +235,16 @@ def build_app(node: Node) -> Starlette:
                 raise ApiError(400, "'value' is missing or not a string")
             if len(value.encode()) > cfg.max_value_bytes:
                 raise ApiError(413, f"value larger than {cfg.max_value_bytes} bytes")
-        reply = await node.data(request.method, key, deps, value, hops, budget, write_id, retry,
+        reply = await node.data(method, key, deps, value, hops, budget, write_id, retry,
                                 request_id=REQUEST_ID.get())
         await node.durable()  # persist, then answer: what we show must survive a crash
+        return reply
+
+    async def data_key(request: Request) -> Response:
+        key = _valid_key(_key_of(request))  # before reading a body for it
+        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
+        reply = await data_key_reply(request.method, key, body, request.headers,
+                                     trusted(request))
         return _reply(reply)
 
     async def data_all(request: Request) -> Response:
@@ -232,14 +255,15 @@ def build_app(node: Node) -> Starlette:
         body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        hops, budget, _, _ = _node_headers(request, cfg, secret)
-        deps = _metadata(request, body, node)
+        hops, budget, _, _ = _node_headers(request.headers, cfg, trusted(request))
+        deps = _metadata(request.headers, body, node)
         reply = await node.data("GET", None, deps, None, hops, budget, page=page,
                                 request_id=REQUEST_ID.get())
         await node.durable()
         return _reply(reply)
 
     requests = RequestStats()
+    observer = Observer(requests, cfg.max_request_id_bytes, cfg.access_log)
     registry = registry_for(node, requests)
     openapi = orjson.dumps(SPEC)
 
@@ -264,22 +288,72 @@ def build_app(node: Node) -> Starlette:
             return _json(503, {"error": failure, **node.view_status()})
         return _json(200, {"message": "view applied", **node.view_status()})
 
-    def _internal(handler: Any) -> Any:
+    peer_messages = {"/internal/sync": node.on_sync, "/internal/handoff": node.on_handoff,
+                     "/internal/pull": node.on_pull, "/internal/stable": node.on_stable}
+
+    async def peer_answer(path: str, body: Any, peer: str) -> dict[str, Any]:
+        try:
+            answer: dict[str, Any] = await peer_messages[path](body)
+        except WireError as exc:
+            log.warning("node %s: refused %s from %s: %s", node.node_id, path, peer, exc)
+            raise ApiError(400, str(exc)) from exc
+        # a sync's "seen up to n", a handoff's ack, a pull page's fence: on disk first
+        await node.durable()
+        return answer
+
+    def _internal(path: str) -> Any:
         async def endpoint(request: Request) -> Response:
             if secret and not _has_secret(request, secret):
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
             body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
-            try:
-                answer = await handler(body)
-                # a sync's "seen up to n", a handoff's ack, a pull page's fence: on disk first
-                await node.durable()
-                return _json(200, answer)
-            except WireError as exc:
-                log.warning("node %s: refused %s from %s: %s", node.node_id, request.url.path,
-                            request.client.host if request.client else "?", exc)
-                raise ApiError(400, str(exc)) from exc
+            peer = request.client.host if request.client else "?"
+            return _json(200, await peer_answer(path, body, peer))
 
         return endpoint
+
+    async def direct(
+        method: str, path: str, headers: dict[str, str], body: bytes, peer: str
+    ) -> tuple[int, bytes] | None:
+        """A channel frame for ``/data/<key>`` or a peer message, served without the ASGI
+        stack (a third of a forwarded request's cost at the owner); the same validation, counts
+        and errors as over HTTP.  The channel carried the secret.  None: the app serves it."""
+        if method in ("GET", "PUT", "DELETE") and path.startswith("/data/") and "?" not in path:
+            limit = cfg.max_request_bytes
+        elif method == "POST" and path in peer_messages:
+            limit = cfg.max_peer_message_bytes
+        else:
+            return None
+        started = time.perf_counter()
+        rid = headers.get(REQUEST_ID_HEADER)
+        request_id = observer.request_id(rid.encode() if rid is not None else None)
+        if request_id is None:
+            observer.done(method, path, 400, started, None)
+            return 400, orjson.dumps({"error": observer.bad_id})
+        token = REQUEST_ID.set(request_id)
+        observer.stats.in_flight += 1
+        status = 500
+        try:
+            if len(body) > limit:
+                raise ApiError(413, f"request body larger than {limit} bytes")
+            if path in peer_messages:
+                status, answer = 200, orjson.dumps(await peer_answer(path, _decode(body), peer))
+            else:
+                key = _valid_key(key_of_path(path.encode()))
+                reply = await data_key_reply(method, key, _decode(body), headers, True)
+                status = reply.status
+                answer = reply.raw if reply.raw is not None else orjson.dumps(reply.payload or {})
+        except ApiError as exc:
+            status, answer = exc.status, orjson.dumps({"error": exc.message})
+        except PersistFailed as exc:
+            status, answer = 503, orjson.dumps({"error": f"this node is stopping: {exc}"})
+        except Exception:
+            log.exception("unhandled error on %s %s (peer channel)", method, path)
+            answer = orjson.dumps({"error": "internal error; see the node's log"})
+        finally:
+            observer.stats.in_flight -= 1
+            REQUEST_ID.reset(token)
+            observer.done(method, path, status, started, request_id)
+        return status, answer
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -304,18 +378,14 @@ def build_app(node: Node) -> Starlette:
         Route("/view", view, methods=["GET", "PUT"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/internal/sync", _internal(node.on_sync), methods=["POST"]),
-        Route("/internal/handoff", _internal(node.on_handoff), methods=["POST"]),
-        Route("/internal/pull", _internal(node.on_pull), methods=["POST"]),
-        Route("/internal/stable", _internal(node.on_stable), methods=["POST"]),
+        *(Route(path, _internal(path), methods=["POST"]) for path in peer_messages),
         WebSocketRoute(CHANNEL_PATH, channel_endpoint(
-            lambda: app, secret, cfg.channel_max_in_flight, cfg.max_header_bytes)),
+            lambda: app, direct, secret, cfg.channel_max_in_flight, cfg.max_header_bytes)),
     ]
     app = Starlette(
         routes=routes,
         # outermost first: every answer, a 431 too, is counted and carries its request id
-        middleware=[Middleware(ObserveMiddleware, stats=requests,
-                               max_id_bytes=cfg.max_request_id_bytes, access=cfg.access_log),
+        middleware=[Middleware(ObserveMiddleware, observer=observer),
                     Middleware(HeaderLimit, limit=cfg.max_header_bytes)],
         exception_handlers={
             ApiError: api_error,

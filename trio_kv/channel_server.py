@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,9 +31,15 @@ _JSON = "application/json"
 _SECRET = SECRET_HEADER.encode()
 
 
+Direct = Callable[[str, str, dict[str, str], bytes, str], Awaitable[tuple[int, bytes] | None]]
+
+
 def channel_endpoint(
-    app: Callable[[], ASGIApp], secret: bytes, max_in_flight: int, max_head: int
+    app: Callable[[], ASGIApp], direct: Direct, secret: bytes, max_in_flight: int,
+    max_head: int,
 ) -> Callable[[WebSocket], Any]:
+    """``direct`` serves the hot routes (data, peer messages) without the ASGI stack; every
+    other frame runs through ``app``."""
     async def endpoint(ws: WebSocket) -> None:
         given = ws.headers.get(SECRET_HEADER, "").encode("latin-1")
         if secret and not hmac.compare_digest(given, secret):
@@ -54,7 +60,8 @@ def channel_endpoint(
                     await ws.close(code=1003, reason="the channel carries binary frames only")
                     break
                 await limit.acquire()
-                nursery.start_soon(_serve, app(), base, trusted, frame, ws, limit, max_head)
+                nursery.start_soon(_serve, app(), direct, base, trusted, frame, ws, limit,
+                                   max_head)
             nursery.cancel_scope.cancel()
 
     return endpoint
@@ -69,8 +76,8 @@ def _base_scope(ws_scope: Scope) -> dict[str, Any]:
 
 
 async def _serve(
-    app: ASGIApp, base: dict[str, Any], trusted: list[tuple[bytes, bytes]], frame: bytes,
-    ws: WebSocket, limit: trio.Semaphore, max_head: int,
+    app: ASGIApp, direct: Direct, base: dict[str, Any], trusted: list[tuple[bytes, bytes]],
+    frame: bytes, ws: WebSocket, limit: trio.Semaphore, max_head: int,
 ) -> None:
     try:
         try:
@@ -83,8 +90,18 @@ async def _serve(
             error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
             await ws.send_bytes(encode_answer(exc.frame_id, 400, _JSON, error))
             return
-        status, content_type, answer = await _run(app, base, trusted, method, path, headers,
-                                                  body)
+        first: dict[str, str] = {}
+        for name, value in headers:
+            if name != SECRET_HEADER:
+                first.setdefault(name, value)
+        client = base.get("client")
+        served = await direct(method, path, first, body, client[0] if client else "?")
+        if served is not None:
+            status, answer = served
+            content_type = _JSON
+        else:
+            status, content_type, answer = await _run(app, base, trusted, method, path, headers,
+                                                      body)
         await ws.send_bytes(encode_answer(fid, status, content_type, answer))
     except (WebSocketDisconnect, RuntimeError):
         pass  # closed while we answered (starlette raises RuntimeError after a close)

@@ -70,16 +70,46 @@ class RequestStats:
         hist.observe(seconds)
 
 
-class ObserveMiddleware:
-    def __init__(
-        self, app: ASGIApp, stats: RequestStats, max_id_bytes: int = 128, access: bool = False
-    ) -> None:
-        self.app = app
+class Observer:
+    """Request ids, counts and latency, access log: shared by the ASGI middleware and the peer
+    channel's direct path (``channel_server.py``), so both count and log alike."""
+
+    def __init__(self, stats: RequestStats, max_id_bytes: int = 128, access: bool = False) -> None:
+        self.stats = stats
         self.max_id_bytes = max_id_bytes
         self.access = access
-        self.stats = stats
         self._prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
+
+    def request_id(self, rid: bytes | None) -> str | None:
+        """The id this request goes by (the caller's, or minted); None if the caller's is bad."""
+        if rid is None:
+            return f"{self._prefix}-{next(self._ids):x}"
+        if len(rid) > self.max_id_bytes or not _VALID_ID.fullmatch(rid):
+            return None
+        return rid.decode()
+
+    @property
+    def bad_id(self) -> str:
+        return f"X-Request-Id must be 1 to {self.max_id_bytes} visible ASCII characters"
+
+    def done(self, method: str, path: str, status: int, started: float,
+             request_id: str | None) -> None:
+        seconds = time.perf_counter() - started
+        self.stats.record(route_of(path), method if method in METHODS else "other", status,
+                          seconds)
+        if self.access and request_id is not None:
+            access_log.info(  # the path escaped: a key may hold a newline
+                "%s %s %d %.4fs", method, repr(path)[1:-1], status, seconds,
+                extra={"request_id": request_id, "method": method, "path": path,
+                       "status": status, "seconds": round(seconds, 6)},
+            )
+
+
+class ObserveMiddleware:
+    def __init__(self, app: ASGIApp, observer: Observer) -> None:
+        self.app = app
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,17 +121,14 @@ class ObserveMiddleware:
             if name == b"x-request-id":
                 rid = value
                 break
-        method = scope["method"] if scope["method"] in METHODS else "other"
-        route = route_of(scope["path"])
-        status = 500
-        if rid is not None and (len(rid) > self.max_id_bytes or not _VALID_ID.fullmatch(rid)):
-            status = 400
-            await _send_error(send, 400, "X-Request-Id must be 1 to "
-                              f"{self.max_id_bytes} visible ASCII characters")
-            self.stats.record(route, method, status, time.perf_counter() - started)
+        observer, method, path = self.observer, scope["method"], scope["path"]
+        request_id = observer.request_id(rid)
+        if request_id is None:
+            await _send_error(send, 400, observer.bad_id)
+            observer.done(method, path, 400, started, None)
             return
-        request_id = rid.decode() if rid is not None else f"{self._prefix}-{next(self._ids):x}"
         header = (b"x-request-id", request_id.encode())
+        status = 500
 
         async def send_wrapped(message: Message) -> None:
             nonlocal status
@@ -111,21 +138,13 @@ class ObserveMiddleware:
             await send(message)
 
         token = REQUEST_ID.set(request_id)
-        self.stats.in_flight += 1
+        observer.stats.in_flight += 1
         try:
             await self.app(scope, receive, send_wrapped)
         finally:
-            self.stats.in_flight -= 1
+            observer.stats.in_flight -= 1
             REQUEST_ID.reset(token)
-            seconds = time.perf_counter() - started
-            self.stats.record(route, method, status, seconds)
-            if self.access:
-                access_log.info(  # the path escaped: a key may hold a newline
-                    "%s %s %d %.4fs", scope["method"], repr(scope["path"])[1:-1], status, seconds,
-                    extra={"request_id": request_id, "method": scope["method"],
-                           "path": scope["path"], "status": status,
-                           "seconds": round(seconds, 6)},
-                )
+            observer.done(method, path, status, started, request_id)
 
 
 async def _send_error(send: Send, status: int, message: str) -> None:
