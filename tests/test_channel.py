@@ -12,6 +12,7 @@ from functools import partial
 import orjson
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
@@ -31,7 +32,15 @@ from wsproto.events import Request as WSRequest
 from trio_kv.api import build_app
 from trio_kv.channel import CHANNEL_PATH, ChannelClient
 from trio_kv.config import Config
-from trio_kv.frames import decode_answer, decode_request, encode_request
+from trio_kv.frames import (
+    MAX_FRAMES,
+    Outbox,
+    decode_answer,
+    decode_request,
+    encode_request,
+    pack,
+    unpack,
+)
 from trio_kv.node import Node
 from trio_kv.transport import PeerClient, PeerUnavailable, real_transport
 from trio_kv.view import parse_view
@@ -146,10 +155,10 @@ async def _silent_peer(nursery: trio.Nursery, answer_size: int = 0) -> tuple[str
                 if isinstance(event, WSRequest):
                     await stream.send_all(ws.send(AcceptConnection()))
                 elif isinstance(event, BytesMessage) and answer_size:
-                    fid = decode_request(bytes(event.data), 4096)[0]
+                    fid = decode_request(unpack(bytes(event.data))[0], 4096)[0]
                     head = orjson.dumps([fid, 200, "application/json"])
                     frame = struct.pack(">I", len(head)) + head + b"x" * answer_size
-                    await stream.send_all(ws.send(BytesMessage(frame)))
+                    await stream.send_all(ws.send(BytesMessage(pack([frame]))))
 
     listeners = await nursery.start(trio.serve_tcp, handle, 0)
     port = listeners[0].socket.getsockname()[1]
@@ -202,7 +211,7 @@ async def _answers(stream: trio.SocketStream, ws: WSConnection, n: int) -> list[
             ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, BytesMessage):
-                    out.append(decode_answer(bytes(event.data), 4096))
+                    out.extend(decode_answer(f, 4096) for f in unpack(bytes(event.data)))
                 elif isinstance(event, CloseConnection):
                     out.append(("close", event.code))
     return out
@@ -219,15 +228,19 @@ async def _answers(stream: trio.SocketStream, ws: WSConnection, n: int) -> list[
 async def test_bad_frames_get_400_and_change_nothing(nursery: trio.Nursery, frame: bytes) -> None:
     node, address = await _node(nursery, SECRET)
     stream, ws = await _raw_channel(address, SECRET)
-    await stream.send_all(ws.send(BytesMessage(frame)))
+    await stream.send_all(ws.send(BytesMessage(pack([frame]))))
     [(fid, status, _ctype, body)] = await _answers(stream, ws, 1)  # type: ignore[misc]
     assert (fid, status) == (7, 400) and "error" in orjson.loads(body)
     assert len(node.replica.store) == 0 and node.task_failures == 0
 
 
 @pytest.mark.parametrize("message", [
-    BytesMessage(b"\x00"), BytesMessage(struct.pack(">I", 1 << 30) + b"[]"),
-    BytesMessage(struct.pack(">I", 2) + b"{}"), TextMessage("hello"),
+    BytesMessage(b"\x00"),  # shorter than a length
+    BytesMessage(struct.pack(">I", 1 << 30) + b"[]"),  # a frame past the message's end
+    BytesMessage(pack([struct.pack(">I", 1 << 30) + b"[]"])),  # a head past the frame's end
+    BytesMessage(pack([struct.pack(">I", 2) + b"{}"])),  # a head that is no list
+    BytesMessage(pack([b""] * (MAX_FRAMES + 1))),  # too many frames in one message
+    TextMessage("hello"),
 ])
 async def test_unreadable_frames_close_the_channel_not_the_node(
     nursery: trio.Nursery, message: BytesMessage | TextMessage
@@ -267,3 +280,26 @@ async def test_direct_frames_are_bounded_counted_and_checked_like_http(
     assert 'method="PUT",route="/data/{key}",status="413"} 1.0' in text
     assert 'method="GET",route="/data/{key}",status="400"} 1.0' in text
     assert 'method="PUT",route="/data/{key}",status="200"} 1.0' in text
+
+
+async def test_calls_queued_during_a_send_share_the_next_message() -> None:
+    """No timer: the first frame goes at once; those queued while it is sent go together."""
+    sent: list[list[bytes]] = []
+    release = trio.Event()
+
+    async def send(message: bytes) -> None:
+        sent.append(unpack(message))
+        if len(sent) == 1:
+            await release.wait()
+
+    outbox = Outbox(send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        outbox.put(b"frame0")
+        await trio.testing.wait_all_tasks_blocked()  # the writer is sending frame0
+        for i in range(1, 10):
+            outbox.put(b"frame%d" % i)
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.close()
+    assert sent == [[b"frame0"], [b"frame%d" % i for i in range(1, 10)]]

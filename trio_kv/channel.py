@@ -33,7 +33,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .frames import FrameError, decode_answer, encode_request, peek_id
+from .frames import HEAD, FrameError, Outbox, decode_answer, encode_request, peek_id, unpack
 from .observe import REQUEST_ID, REQUEST_ID_HEADER
 from .transport import SECRET_HEADER, PeerCaller, PeerClient, PeerResponse, PeerUnavailable
 
@@ -72,6 +72,10 @@ class _Link:
         self.used_at = self.received_at
         self._ids = itertools.count(1)
         self._send_lock = trio.Lock()
+        self.outbox = Outbox(self._send_message)
+
+    async def _send_message(self, message: bytes) -> None:
+        await self.send(BytesMessage(message))
 
     async def send(self, event: Event) -> None:
         async with self._send_lock:
@@ -92,7 +96,9 @@ class _Link:
         self.used_at = sent_at = trio.current_time()
         try:
             try:
-                await self.send(BytesMessage(encode_request(fid, method, path, headers, body)))
+                if self.closed:
+                    raise _NotSent
+                self.outbox.put(encode_request(fid, method, path, headers, body))
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
                 raise PeerUnavailable(self.address, f"channel broke while sending: {exc!r}") \
                     from exc
@@ -125,8 +131,20 @@ class _Link:
         pending.error, pending.status = why, status
         pending.done.set()
 
+    async def write(self) -> None:
+        """The writer task: sends queued frames until the connection closes."""
+        try:
+            await self.outbox.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError,
+                LocalProtocolError) as exc:
+            self.abort(f"sending failed: {exc!r}")
+        except Exception:
+            log.exception("channel to %s: writer failed", self.address)
+            self.abort("writer failed")
+
     def abort(self, why: str) -> None:
         """Close the connection now; every call waiting on it fails (maybe applied)."""
+        self.outbox.close()
         if not self.closed:
             self.closed = True
             log.debug("channel to %s closed: %s", self.address, why)
@@ -250,6 +268,7 @@ class ChannelClient(PeerCaller):
             link = await self._connect(address)
             self._links[address] = link
             self._nursery.start_soon(self._read, link)
+            self._nursery.start_soon(link.write)
             return link
 
     async def _connect(self, address: str) -> _Link:
@@ -308,12 +327,19 @@ class ChannelClient(PeerCaller):
                         if size <= self._max_answer + MAX_ANSWER_HEAD or not parts:
                             parts.append(bytes(event.data))
                         if event.message_finished:
-                            frame, too_large = b"".join(parts), size > self._max_answer
+                            message = b"".join(parts)
+                            too_large = size > self._max_answer + MAX_ANSWER_HEAD
                             parts, size = [], 0
-                            if too_large:
-                                link.refuse(peek_id(frame, MAX_ANSWER_HEAD), "answer larger "
-                                            f"than {self._max_answer} bytes", 413)
-                            else:
+                            if too_large:  # only a lone answer can be (batches are capped)
+                                link.refuse(peek_id(message[HEAD.size :], MAX_ANSWER_HEAD),
+                                            f"answer larger than {self._max_answer} bytes", 413)
+                                continue
+                            try:
+                                frames = unpack(message)
+                            except FrameError as exc:
+                                why = f"malformed message: {exc}"
+                                break
+                            for frame in frames:
                                 link.deliver(frame)
                     elif isinstance(event, Ping):
                         await link.send(event.response())

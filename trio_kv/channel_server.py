@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .frames import FrameError, decode_request, encode_answer
+from .frames import FrameError, Outbox, decode_request, encode_answer, unpack
 from .transport import SECRET_HEADER
 
 log = logging.getLogger("trio_kv.channel")
@@ -50,21 +50,37 @@ def channel_endpoint(
         base = _base_scope(ws.scope)
         trusted = [(_SECRET, secret)] if secret else []
         limit = trio.Semaphore(max_in_flight)
+        outbox = Outbox(ws.send_bytes)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write, outbox, nursery.cancel_scope)
             while True:
                 message = await ws.receive()
                 if message["type"] != "websocket.receive":
                     break  # the peer went away: its calls in flight are cancelled below
-                frame = message.get("bytes")
-                if frame is None:
+                data = message.get("bytes")
+                if data is None:
                     await ws.close(code=1003, reason="the channel carries binary frames only")
                     break
-                await limit.acquire()
-                nursery.start_soon(_serve, app(), direct, base, trusted, frame, ws, limit,
-                                   max_head)
+                try:
+                    frames = unpack(data)
+                except FrameError as exc:
+                    log.warning("closing a peer channel: %s", exc)
+                    await ws.close(code=1002, reason="malformed message")
+                    break
+                for frame in frames:
+                    await limit.acquire()
+                    nursery.start_soon(_serve, app(), direct, base, trusted, frame, outbox,
+                                       ws, limit, max_head)
             nursery.cancel_scope.cancel()
 
     return endpoint
+
+
+async def _write(outbox: Outbox, scope: trio.CancelScope) -> None:
+    try:
+        await outbox.run()
+    except (WebSocketDisconnect, RuntimeError):
+        scope.cancel()  # the peer went away: nobody reads the answers
 
 
 def _base_scope(ws_scope: Scope) -> dict[str, Any]:
@@ -77,7 +93,7 @@ def _base_scope(ws_scope: Scope) -> dict[str, Any]:
 
 async def _serve(
     app: ASGIApp, direct: Direct, base: dict[str, Any], trusted: list[tuple[bytes, bytes]],
-    frame: bytes, ws: WebSocket, limit: trio.Semaphore, max_head: int,
+    frame: bytes, outbox: Outbox, ws: WebSocket, limit: trio.Semaphore, max_head: int,
 ) -> None:
     try:
         try:
@@ -88,7 +104,7 @@ async def _serve(
                 await ws.close(code=1002, reason="malformed frame")
                 return
             error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
-            await ws.send_bytes(encode_answer(exc.frame_id, 400, _JSON, error))
+            outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
             return
         first: dict[str, str] = {}
         for name, value in headers:
@@ -102,7 +118,7 @@ async def _serve(
         else:
             status, content_type, answer = await _run(app, base, trusted, method, path, headers,
                                                       body)
-        await ws.send_bytes(encode_answer(fid, status, content_type, answer))
+        outbox.put(encode_answer(fid, status, content_type, answer))
     except (WebSocketDisconnect, RuntimeError):
         pass  # closed while we answered (starlette raises RuntimeError after a close)
     finally:

@@ -1,20 +1,28 @@
-"""The peer channel's frames: one HTTP-shaped request or answer per WebSocket message.
+"""The peer channel's frames: HTTP-shaped requests and answers, several per WebSocket message.
 
-A frame is a 4-byte big-endian head length, a JSON head, then the body as raw bytes (bodies
-are JSON already; wrapping them in JSON again would cost a second encode per call).  Request
-head: ``[id, method, path, [[name, value], ...]]``; answer head: ``[id, status, content_type]``.
+A message is a sequence of frames, each prefixed by its 4-byte big-endian length: calls that
+queue while a message is being sent go out together in the next one, so under load one send
+and one receive (and one wake-up on each side) carry many calls.  A frame is a 4-byte
+big-endian head length, a JSON head, then the body as raw bytes (bodies are JSON already;
+wrapping them in JSON again would cost a second encode per call).  Request head:
+``[id, method, path, [[name, value], ...]]``; answer head: ``[id, status, content_type]``.
 Frames come from the network: every field is checked here, before anything acts on it.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
 
 import orjson
+import trio
 
 HEAD = struct.Struct(">I")
 MAX_FRAME_ID = (1 << 53) - 1
 MAX_HEADERS = 32
+MAX_FRAMES = 1024  # per message: bounds the work one message can ask for
+BATCH_BYTES = 1 << 20  # frames joined into one message up to this (a larger frame goes alone)
 METHODS = frozenset({"GET", "PUT", "POST", "DELETE"})
 
 
@@ -25,6 +33,61 @@ class FrameError(ValueError):
     def __init__(self, message: str, frame_id: int | None = None) -> None:
         super().__init__(message)
         self.frame_id = frame_id
+
+
+def pack(frames: list[bytes]) -> bytes:
+    return b"".join(HEAD.pack(len(frame)) + frame for frame in frames)
+
+
+class Outbox:
+    """Frames waiting to be sent, sent by one writer task (``run``): each time it wakes it
+    sends everything queued as one message, so a lone call waits for nothing and under load
+    calls share sends.  Callers never do the I/O, so a caller's timeout never interrupts a
+    send that carries other calls' frames, and no caller is kept sending for others."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self._queue: deque[bytes] = deque()
+        self._wake = trio.Event()
+        self.closed = False
+
+    def put(self, frame: bytes) -> None:
+        self._queue.append(frame)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send until closed; a failed send raises (the connection's owner closes it)."""
+        queue = self._queue
+        while not self.closed:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while queue and not self.closed:
+                frames = [queue.popleft()]
+                size = len(frames[0])
+                while queue and size + len(queue[0]) <= BATCH_BYTES and len(frames) < MAX_FRAMES:
+                    size += len(queue[0])
+                    frames.append(queue.popleft())
+                await self._send(pack(frames))
+
+
+def unpack(message: bytes) -> list[bytes]:
+    """The frames of one message, or ``FrameError`` (the channel is then closed)."""
+    frames: list[bytes] = []
+    at, end = 0, len(message)
+    while at < end:
+        if len(frames) >= MAX_FRAMES or end - at < HEAD.size:
+            raise FrameError(f"a message holds at most {MAX_FRAMES} length-prefixed frames")
+        (size,) = HEAD.unpack_from(message, at)
+        at += HEAD.size
+        if size > end - at:
+            raise FrameError("a frame runs past the end of its message")
+        frames.append(message[at : at + size])
+        at += size
+    return frames
 
 
 def _split(frame: bytes, max_head: int) -> tuple[object, bytes]:
