@@ -336,6 +336,9 @@ class Node:
     async def on_handoff(self, raw: Any) -> dict[str, Any]:
         return await self._peer_message(self.core.on_handoff, raw)
 
+    async def on_stable(self, raw: Any) -> dict[str, Any]:
+        return await self._peer_message(self.core.on_stable, raw)
+
     async def _peer_message(
         self, handle: Callable[..., tuple[dict[str, Any], list[Output]]], raw: Any
     ) -> dict[str, Any]:
