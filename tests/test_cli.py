@@ -22,22 +22,13 @@ from .test_processes import Procs, _free_ports
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Procs]:
     """Nodes 1-4 in shards A=[1,2], B=[3,4]; node 5 has the view and no shard (a router)."""
-    p = Procs(_free_ports(5))
-    for i in range(5):
-        p.start(i)
-    try:
-        p.wait_up()
+    with Procs(_free_ports(5)).running() as p:
         view = {"view": {"A": [p.addr(0), p.addr(1)], "B": [p.addr(2), p.addr(3)]}}
         Path(p.logdir, "view.json").write_text(json.dumps(view))
         assert cli(p, "view", "--set", f"{p.logdir}/view.json").returncode == 0
         with httpx.Client(timeout=20) as c:  # the router gets it too
             assert c.put(p.url(4) + "/view", json=view).status_code == 200
         yield p
-    finally:
-        for proc in p.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
 
 
 def _addr(self: Procs, i: int) -> dict[str, object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from trio_kv.clock import Version
 from trio_kv.config import Config
 from trio_kv.core import Answer, Call, Core, Failed, Output, Request, Respond
 from trio_kv.core.forwarding import RETRY_HEADER, WRITE_ID_HEADER
@@ -173,3 +174,59 @@ def test_a_copy_of_a_write_still_in_hand_is_answered_with_it_not_handled_twice()
     assert calls(core.request(6, req, 1.01, WALL)) == [], "the copy is not forwarded again"
     out = core.call_done(first[0].cid, Answer(200, b'{"causal-metadata": {}}'), 1.02, WALL)
     assert set(replies(out)) == {5, 6}
+
+
+def stable_queries(outputs: list[Output]) -> list[Call]:
+    return [c for c in calls(outputs) if c.path == "/internal/stable"]
+
+
+def test_cross_shard_deps_are_asked_of_the_owner_failed_over_and_dropped_on_its_word() -> None:
+    """A value on shard A depending on a key of shard B: the core asks a replica of B which
+    dependencies are stable, moves to B's other replica when that one fails, keeps what B
+    does not confirm (asking again later) and drops what it does."""
+    view = two_shards(a=[1], b=[2, 3])
+    core = serving(1, view)
+    mine, theirs = key_on(view, "A"), key_on(view, "B")
+    other = next(f"x{i}" for i in range(1000) if view.shard_for(f"x{i}") == "B")
+    dep, dep2 = Version(WALL << 16, 2), Version((WALL << 16) + 1, 3)
+    out = core.request(7, Request("PUT", mine, {theirs: dep, other: dep2}, "v"), 1.0, WALL)
+    assert replies(out)[7].status == 200
+    assert set(core.replica.store.get(mine).deps) == {theirs, other}  # type: ignore[union-attr]
+    (first,) = stable_queries(advance(core, 1.2))
+    assert first.lane == "peer"
+    asked = loads(first.body or b"")
+    assert asked["from"] == 1 and sorted(k for k, *_ in asked["deps"]) == sorted([theirs, other])
+    # that replica is unreachable: the next query goes to B's other replica, after a backoff
+    out = core.call_done(first.cid, Failed("no route", not_sent=True), 1.3, WALL)
+    assert not stable_queries(out)
+    (second,) = stable_queries(advance(core, 3.0))
+    assert second.address != first.address
+    # a malformed answer is a failed call: nothing dropped
+    core.call_done(second.cid, Answer(200, dumps({"stable": [True]})), 3.1, WALL)
+    assert len(core.replica.store.get(mine).deps) == 2  # type: ignore[union-attr]
+    (third,) = stable_queries(advance(core, 5.0))
+    flags = [k == theirs for k, *_ in loads(third.body or b"")["deps"]]
+    core.call_done(third.cid, Answer(200, dumps({"stable": flags})), 5.1, WALL)
+    assert core.replica.store.get(mine).deps == {other: dep2}  # type: ignore[union-attr]
+    assert core.crossdeps.dropped == 1 and mine in core.crossdeps.queue
+    # what was not confirmed is asked about again, alone
+    (fourth,) = stable_queries(advance(core, 12.0))
+    assert [k for k, *_ in loads(fourth.body or b"")["deps"]] == [other]
+    core.call_done(fourth.cid, Answer(200, dumps({"stable": [True]})), 12.1, WALL)
+    assert core.replica.store.get(mine).deps == {}  # type: ignore[union-attr]
+    assert not core.crossdeps.queue
+    assert not stable_queries(advance(core, 30.0))  # nothing left to ask
+
+
+def test_a_node_answers_stable_only_for_its_own_keys_on_every_replica() -> None:
+    view = two_shards(a=[1], b=[2, 3])
+    core = serving(1, view)
+    mine, theirs = key_on(view, "A"), key_on(view, "B")
+    out = core.request(7, Request("PUT", mine, {}, "v"), 1.0, WALL)
+    version = core.replica.store.get(mine).version  # type: ignore[union-attr]
+    query = {"from": 2, "deps": [[mine, version.hlc, version.node],
+                                 [mine, version.hlc + 1, version.node],
+                                 [theirs, version.hlc, 2]]}
+    answer, out = core.on_stable(query, 1.1, WALL)
+    assert answer == {"stable": [True, False, False]}
+    assert not calls(out)

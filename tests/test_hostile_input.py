@@ -310,10 +310,11 @@ def unauthorised_view_probes(draw: st.DrawFn, addresses: dict[int, str]) -> Prob
 # state (view id, origins) are built by ``forge`` at run time from a drawn recipe.
 @st.composite
 def garbage_peer_probes(draw: st.DrawFn) -> Probe:
-    route = draw(st.sampled_from(["sync", "handoff", "pull"]))
+    route = draw(st.sampled_from(["sync", "handoff", "pull", "stable"]))
     fields = {"sync": ["sender", "origin", "view_id", "epoch", "after", "upto", "entries", "seen",
                        "positions"],
               "handoff": ["entries", "from", "epoch", "view_id"],
+              "stable": ["from", "deps"],
               "pull": ["view", "within", "after", "limit", "from", "epoch"]}[route]
     body = draw(st.one_of(
         json_any.filter(lambda v: not isinstance(v, dict)),
@@ -339,7 +340,8 @@ FORGERIES = [
     "sync-future-ts", "sync-huge-ts", "sync-overclaim", "sync-stranger", "sync-oversized",
     "sync-bad-positions", "handoff-future-ts", "handoff-huge-ts", "handoff-stranger",
     "handoff-oversized", "handoff-bad-entry", "pull-invented-view", "pull-stranger",
-    "pull-hijack-addresses", "pull-bad-limit",
+    "pull-hijack-addresses", "pull-bad-limit", "stable-future-ts", "stable-huge-ts",
+    "stable-oversized", "stable-bad-key",
 ]
 
 
@@ -387,9 +389,15 @@ def forge(cluster: Cluster, f: Forgery) -> Probe:
     expect = frozenset({400, 403, 409, 413})
     if route == "pull" and what in ("stranger", "invented-view"):
         expect |= {200}
-    if route == "sync":
+    body: dict[str, Any]
+    if route == "stable":  # "which of these are stable?": refused whole, answers nothing
+        deps = [[key if what != "bad-key" else "", ts, peer]]
+        if what == "oversized":
+            deps *= Config().stable_query_deps + 1 + f.number % 5
+        body = {"from": peer, "deps": deps}
+    elif route == "sync":
         expect |= {200}
-        body: dict[str, Any] = {
+        body = {
             "sender": sender, "origin": f"{sender}.forged", "view_id": view.view_id,
             "epoch": node.replica.epoch, "after": 0, "upto": 1, "entries": [entry],
             "seen": {}, "positions": [1],

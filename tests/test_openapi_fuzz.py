@@ -62,11 +62,7 @@ def unavailable_for_a_made_up_token(case: Any, response: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Procs]:
-    p = QuickProcs(_free_ports(3))
-    for i in range(3):
-        p.start(i)
-    try:
-        p.wait_up()
+    with QuickProcs(_free_ports(3)).running() as p:
         view = {"view": {"A": [{"address": f"127.0.0.1:{p.ports[0]}", "id": 1}],
                          "B": [{"address": f"127.0.0.1:{p.ports[1]}", "id": 2}]}}
         with Client([f"127.0.0.1:{port}" for port in p.ports], secret=SECRET) as kv:
@@ -75,11 +71,6 @@ def live() -> Iterator[Procs]:
             r = c.put(p.url(2) + "/view", json=view, headers={"x-kv-secret": SECRET})
             assert r.status_code == 200
         yield p
-    finally:
-        for proc in p.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
 
 
 def _operations(live: Procs) -> list[Any]:

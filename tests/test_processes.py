@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -42,6 +43,20 @@ class Procs:
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
 
+    @contextmanager
+    def running(self) -> Iterator[Procs]:
+        """Every node started and answering; whatever is still running is killed after."""
+        for i in range(len(self.ports)):
+            self.start(i)
+        try:
+            self.wait_up()
+            yield self
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(5)
+
     def wait_up(self, deadline: float = 20.0) -> None:
         end = time.monotonic() + deadline
         for i in self.procs:
@@ -58,17 +73,8 @@ class Procs:
 
 @pytest.fixture
 def procs() -> Iterator[Procs]:
-    p = Procs(_free_ports(4))
-    for i in range(4):
-        p.start(i)
-    try:
-        p.wait_up()
+    with Procs(_free_ports(4)).running() as p:
         yield p
-    finally:
-        for proc in p.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
 
 
 def test_real_processes_serve_the_api_and_stop_cleanly(procs: Procs) -> None:

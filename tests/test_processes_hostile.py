@@ -80,19 +80,10 @@ def secret_headers(secret: bool) -> dict[str, str]:
 def cluster(n: int, shards: dict[str, list[int]] | None, env: dict[str, str] | None = None,
             host: str = "127.0.0.1") -> Iterator[Nodes]:
     """``n`` nodes, sent ``shards`` (node indices from 0) as their view unless None."""
-    nodes = Nodes(n, env, host)
-    for i in range(n):
-        nodes.start(i)
-    try:
-        nodes.wait_up()
+    with Nodes(n, env, host).running() as nodes:
         if shards is not None:
             put_view_everywhere(nodes, nodes.view(shards), range(n))
         yield nodes
-    finally:
-        for proc in nodes.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
 
 
 def put_view_everywhere(nodes: Nodes, body: dict[str, Any], targets: Any,

@@ -289,7 +289,7 @@ def build_app(node: Node) -> Starlette:
         return _json(200, {"message": "view applied", **node.view_status()})
 
     peer_messages = {"/internal/sync": node.on_sync, "/internal/handoff": node.on_handoff,
-                     "/internal/pull": node.on_pull}
+                     "/internal/pull": node.on_pull, "/internal/stable": node.on_stable}
 
     async def peer_answer(path: str, body: Any, peer: str) -> dict[str, Any]:
         try:

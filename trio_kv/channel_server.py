@@ -52,11 +52,11 @@ def channel_endpoint(
         limit = trio.Semaphore(max_in_flight)
         outbox = Outbox(ws.send_bytes)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_write, outbox, nursery.cancel_scope)
+            nursery.start_soon(_write, outbox)
             while True:
                 message = await ws.receive()
                 if message["type"] != "websocket.receive":
-                    break  # the peer went away: its calls in flight are cancelled below
+                    break  # the peer went away
                 data = message.get("bytes")
                 if data is None:
                     await ws.close(code=1003, reason="the channel carries binary frames only")
@@ -71,16 +71,18 @@ def channel_endpoint(
                     await limit.acquire()
                     nursery.start_soon(_serve, app(), direct, base, trusted, frame, outbox,
                                        ws, limit, max_head)
-            nursery.cancel_scope.cancel()
+            # Calls in flight run to their end, as HTTP requests do when their client goes
+            # away (each is bounded by its own deadline); their answers are dropped.
+            outbox.close()
 
     return endpoint
 
 
-async def _write(outbox: Outbox, scope: trio.CancelScope) -> None:
+async def _write(outbox: Outbox) -> None:
     try:
         await outbox.run()
     except (WebSocketDisconnect, RuntimeError):
-        scope.cancel()  # the peer went away: nobody reads the answers
+        outbox.close()  # the peer went away: nobody reads the answers
 
 
 def _base_scope(ws_scope: Scope) -> dict[str, Any]:

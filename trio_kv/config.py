@@ -59,6 +59,10 @@ class Config:
     handoff_batch_bytes: int = 4 << 20  # one handoff batch or pull page, encoded
     handoff_retry_interval: float = 1.0
     fence_probe_interval: float = 1.0  # while fenced, how often to ask the fencing shard
+    # cross-shard pruning (core/crossdeps.py): values' dependencies on other shards' keys
+    crossdeps_interval: float = 0.1  # least time between two rounds of stability queries
+    crossdeps_queue: int = 10_000  # local keys waiting to have such dependencies proven
+    stable_query_deps: int = 1000  # dependencies asked about in one /internal/stable query
     # durability (persist.py): a data directory makes writes survive kill -9 of the node
     data_dir: str = ""  # empty: memory only, as are nodes started with durability none
     durability: str = "batch"  # always (fsync per ack) | batch (group commit) | none
@@ -103,6 +107,11 @@ class Config:
             raise ConfigError("durability", f"must be one of {', '.join(_DURABILITY)}")
         if self.tombstone_interval <= 0:
             raise ConfigError("tombstone_interval", "must be positive")
+        if self.stable_query_deps < self.max_token_deps:
+            raise ConfigError(
+                "stable_query_deps", f"{self.stable_query_deps} is below max_token_deps "
+                f"({self.max_token_deps}): one value's dependencies must fit in one query",
+            )
         largest_entry = 6 * (self.max_value_bytes + self.max_key_bytes) + self.max_token_bytes
         need = max(self.batch_bytes, self.handoff_batch_bytes, largest_entry) + (64 << 10)
         if self.max_peer_message_bytes < need:
@@ -143,7 +152,8 @@ _POSITIVE = {
     "forward_attempt_timeout",
     "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
     "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
-    "handoff_retry_interval", "fence_probe_interval", "keep_alive_timeout", "read_timeout",
+    "handoff_retry_interval", "fence_probe_interval", "crossdeps_interval", "crossdeps_queue",
+    "stable_query_deps", "keep_alive_timeout", "read_timeout",
     "max_page_items", "max_request_id_bytes", "max_commit_seconds",
 }
 

@@ -61,6 +61,12 @@ HELP: dict[str, str] = {
     "in seconds.",
     "fence_probe_interval": "While fenced, how often to ask the fencing shard which view it "
     "serves, in seconds.",
+    "crossdeps_interval": "Least time between two rounds of asking other shards which "
+    "dependencies of stored values on their keys are stable, in seconds.",
+    "crossdeps_queue": "Most local keys waiting to have their dependencies on other shards' "
+    "keys proven stable (a count); more wait until there is room.",
+    "stable_query_deps": "Most dependencies asked about in one /internal/stable query, sent "
+    "or received (a count); at least max_token_deps.",
     "keep_alive_timeout": "How long an idle client connection is kept open, in seconds.",
     "read_timeout": "Longest a client may take to send a request body, in seconds; then the "
     "connection is dropped.",

@@ -422,3 +422,58 @@ class PeerViewStatus:
         change = raw.get("change")
         changing = isinstance(change, dict) and change.get("state") == "changing"
         return cls(view, _int(raw, "epoch"), changing)
+
+
+# ------------------------------------------------------------------- cross-shard pruning
+@dataclass(frozen=True, slots=True)
+class StableQuery:
+    """"Which of these writes to keys of your shard are on every replica of it?"  Asked by a
+    node whose stored values depend on them (``core/crossdeps.py``); a dependency is dropped
+    from stored values only on the owning shard's word."""
+
+    sender: int
+    deps: list[tuple[str, Version]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"from": self.sender, "deps": [[k, v.hlc, v.node] for k, v in self.deps]}
+
+    @classmethod
+    def from_wire(cls, raw: Any, rules: WireRules, max_deps: int) -> StableQuery:
+        raw = _object(raw, "a stability query")
+        deps = raw.get("deps")
+        if not isinstance(deps, list) or not 0 < len(deps) <= max_deps:
+            raise WireError(f"'deps' must be a list of 1 to {max_deps} (stable_query_deps) "
+                            "[key, timestamp, node] triples")
+        parsed: list[tuple[str, Version]] = []
+        for item in deps:
+            if not isinstance(item, list) or len(item) != 3:
+                raise WireError("a dependency must be [key, timestamp, node]")
+            key = item[0]
+            if not isinstance(key, str) or not key or len(key.encode(
+                "utf-8", "surrogatepass"
+            )) > rules.token.max_key_bytes:
+                raise WireError("a dependency's key is not a string of 1 to max_key_bytes bytes")
+            try:
+                parsed.append((key, check_version(item[1], item[2], rules.latest_hlc)))
+            except MetadataError as exc:
+                raise WireError(f"dependency on {key[:100]!r}: {exc}") from exc
+        return cls(_int(raw, "from", MAX_NODE_ID), parsed)
+
+
+@dataclass(frozen=True, slots=True)
+class StableReply:
+    """One flag per dependency asked about, in order: true when it is stable at the replier."""
+
+    stable: list[bool]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"stable": self.stable}
+
+    @classmethod
+    def from_wire(cls, raw: Any, asked: int) -> StableReply:
+        raw = _object(raw, "a stability answer")
+        stable = raw.get("stable")
+        if (not isinstance(stable, list) or len(stable) != asked
+                or not all(isinstance(s, bool) for s in stable)):
+            raise WireError(f"'stable' must be a list of {asked} booleans")
+        return cls(stable)

@@ -89,6 +89,13 @@ class NodeCollector(Collector):
                                   value=st.waits_refused)
         yield GaugeMetricFamily("trio_kv_requests_waiting", "Requests parked in a causal or "
                                 "handoff wait now.", value=self.node.core.waiting())
+        crossdeps = self.node.core.crossdeps
+        yield CounterMetricFamily("trio_kv_crossdeps_dropped", "Dependencies on other shards' "
+                                  "keys dropped from stored values, once their owning shard "
+                                  "said they are stable.", value=crossdeps.dropped)
+        yield GaugeMetricFamily("trio_kv_crossdeps_queued", "Local keys whose values wait for "
+                                "other shards to prove their dependencies stable.",
+                                value=len(crossdeps.queue))
 
     def _replication(self) -> Iterator[Metric]:
         node, st = self.node, self.node.stats

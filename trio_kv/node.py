@@ -45,7 +45,7 @@ from .core.viewchange import ChangeProgress
 from .listing import Page
 from .messages import WireRules
 from .metadata import Deps, TokenRules
-from .persist import Persister
+from .persist import Persister, PersistFailed
 from .recovery import AppliedAnswers, persister, recover
 from .replica import Replica
 from .stats import NodeStats
@@ -188,6 +188,8 @@ class Node:
         """Carry out decisions now, or (when some must wait for the disk) in a task."""
         if self._persisting(outputs):
             assert self._nursery is not None
+            if any(isinstance(o, Persist) and o.state for o in outputs):
+                self.persist.state_dirty = True  # the view or custody changed: snapshot it
             self._nursery.start_soon(self._carry_out_durably, outputs)
         else:
             self._send_and_answer(outputs)
@@ -201,14 +203,8 @@ class Node:
         )
 
     async def _carry_out_durably(self, outputs: list[Output]) -> None:
-        await self._durable(outputs)
-        self._send_and_answer(outputs)
-
-    async def _durable(self, outputs: list[Output]) -> None:
-        """Wait until what the core changed so far is on disk."""
-        if any(isinstance(o, Persist) and o.state for o in outputs):
-            self.persist.state_dirty = True  # the view or custody changed: snapshot it
         await self.durable()
+        self._send_and_answer(outputs)
 
     async def durable(self) -> None:
         """Return once every change made so far is on disk (at once without a data dir)."""
@@ -340,15 +336,21 @@ class Node:
     async def on_handoff(self, raw: Any) -> dict[str, Any]:
         return await self._peer_message(self.core.on_handoff, raw)
 
+    async def on_stable(self, raw: Any) -> dict[str, Any]:
+        return await self._peer_message(self.core.on_stable, raw)
+
     async def _peer_message(
         self, handle: Callable[..., tuple[dict[str, Any], list[Output]]], raw: Any
     ) -> dict[str, Any]:
         """A peer message is answered at once, but only once what it changed is durable
-        (our answer lets the sender count what it sent as stable, or drop its copy)."""
+        (our answer lets the sender count what it sent as stable, or drop its copy).  What
+        the core decided is carried out by the node, not by this caller: a caller that goes
+        away (its channel closed) must not drop sends and answers halfway."""
+        if self._nursery is None:
+            raise PersistFailed("this node is shutting down")
         answer, outputs = handle(raw, *self._now())
-        if self._persisting(outputs):
-            await self._durable(outputs)
-        self._send_and_answer(outputs)
+        self._carry_out(outputs)
+        await self.durable()
         return answer
 
     def resync(self) -> None:

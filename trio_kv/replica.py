@@ -142,6 +142,34 @@ class Replica:
         """Drop dependencies every replica of their (our) shard already satisfies."""
         return {k: v for k, v in deps.items() if not (self.owns(k) and self.stable(k, v))}
 
+    def foreign(self, entry: Entry) -> list[str]:
+        """The keys of other shards ``entry`` depends on: only their owners can prove those
+        dependencies stable (``core/crossdeps.py`` asks them)."""
+        view, shard = self.view, self.shard
+        if view is None or shard is None or not entry.deps:
+            return []
+        return [k for k in entry.deps if view.shard_for(k) != shard]
+
+    def answer_stable(self, deps: Iterable[tuple[str, Version]]) -> list[bool]:
+        """Another shard asks which of these are stable here: exactly what ``prune`` drops."""
+        return [self.owns(k) and self.stable(k, v) for k, v in deps]
+
+    def drop_deps(self, key: str, stable: Mapping[str, Version]) -> int:
+        """Drop from ``key``'s stored causal past every dependency at or below a version its
+        owner said is stable (monotone in the version: a replica holding v or newer also holds
+        something at or above every older version).  Not restamped: the entry's
+        version and stream position are unchanged, and the information dropped is redundant;
+        not persisted either (a restart asks again).  Returns how many were dropped."""
+        entry = self.store.get(key)
+        if entry is None or not entry.deps:
+            return 0
+        kept = {k: v for k, v in entry.deps.items() if not (k in stable and v <= stable[k])}
+        dropped = len(entry.deps) - len(kept)
+        if dropped:
+            entry.deps = kept
+            entry.encoded = -1  # its wire size changed
+        return dropped
+
     # ----------------------------------------------------------------- client operations
     def read(self, key: str, deps: Deps) -> tuple[Entry | None, Deps]:
         """The current entry (maybe a tombstone) and the token to return.

@@ -2,8 +2,8 @@
 
 Inputs (each with ``now``, monotonic seconds, and ``wall_ms``, the node's wall clock):
 ``request`` (client data request), ``abandon`` (its client went away), ``put_view``,
-``on_sync`` / ``on_pull`` / ``on_handoff`` (peer messages, answered at once), ``call_done``
-(the outcome of a ``Call`` it decided), ``tick`` (timers).  Each returns the decisions
+``on_sync`` / ``on_pull`` / ``on_handoff`` / ``on_stable`` (peer messages, answered at once),
+``call_done`` (the outcome of a ``Call`` it decided), ``tick`` (timers).  Each returns the decisions
 (``events.Output``) it made.  No trio, no HTTP, no clock reads, no module-level randomness:
 the same inputs give the same outputs, which is what lets ``trio_kv.sim`` replay a seed.
 
@@ -23,6 +23,7 @@ from ..metadata import TokenRules
 from ..replica import Replica, ReplicaLimits
 from ..stats import NodeStats
 from ..view import View
+from .crossdeps import CrossDeps
 from .events import Outcome, Output, Persist, Request
 from .kernel import Kernel
 from .replication import Replication
@@ -59,6 +60,7 @@ class Core:
         self.requests = Requests(self)
         self.replication = Replication(self)
         self.changes = ViewChanges(self)
+        self.crossdeps = CrossDeps(self)
         self.changes.start()
         self.replication.start()
 
@@ -94,6 +96,13 @@ class Core:
         self._at(now, wall_ms)
         return self.changes.on_handoff(raw), self._ready()
 
+    def on_stable(
+        self, raw: Any, now: float, wall_ms: int
+    ) -> tuple[dict[str, Any], list[Output]]:
+        """Another shard asks which dependencies on our keys are stable (changes nothing)."""
+        self._at(now, wall_ms)
+        return self.crossdeps.on_query(raw), self._ready()
+
     def call_done(self, cid: int, outcome: Outcome, now: float, wall_ms: int) -> list[Output]:
         self._at(now, wall_ms)
         self.k.done(cid, outcome)
@@ -109,6 +118,7 @@ class Core:
         it recorded, retry what was pending, resume a change that was under way."""
         self._at(now, wall_ms)
         self.changes.recovered()
+        self.crossdeps.restart()  # what was dropped from values was not persisted
         return self._ready()
 
     def resync(self, now: float, wall_ms: int) -> list[Output]:
@@ -148,6 +158,7 @@ class Core:
             changed, self._changed, self._stabler = self._changed, False, False
             if changed:
                 self.replication.on_news()
+                self.crossdeps.on_news()
             self.requests.reevaluate()
         out = self.k.take()
         if self._dirty or self._dirty_state:
@@ -200,4 +211,5 @@ class Core:
         self.installs += 1
         self.state_changed()
         self.replication.restart()
+        self.crossdeps.restart()
         self.notify()

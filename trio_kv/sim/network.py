@@ -220,13 +220,23 @@ class Network:
                 payload, outputs = core.on_pull(loads(call.body or b"null"), now, wall)
             elif call.path == "/internal/handoff":
                 payload, outputs = core.on_handoff(loads(call.body or b"null"), now, wall)
+            elif call.path == "/internal/stable":
+                payload, outputs = core.on_stable(loads(call.body or b"null"), now, wall)
             elif call.path == "/view":
                 return answer(200, dumps(core.view_status()))
             else:
                 req = _forwarded(dst, call, wall)
                 if req is None:
                     return answer(400, dumps({"error": "malformed forwarded request"}))
-                return self.request(dst, req, lambda r: answer(r.status, _body(r)))
+
+                def replied(reply: Reply) -> None:
+                    if reply is CONNECTION_RESET:  # the node died mid-request: no answer
+                        self.after(self.latency(dst.id, state.src.id), lambda: self._complete(
+                            state, Failed("connection reset by a node that went down")))
+                    else:
+                        answer(reply.status, _body(reply))
+
+                return self.request(dst, req, replied)
         except WireError as exc:
             return answer(400, dumps({"error": str(exc)}))
         answer(200, dumps(payload))
@@ -249,6 +259,13 @@ class Network:
         what = f"{outcome.status}" if isinstance(outcome, Answer) else outcome.reason
         self.trace.add(self.now, f"done {src.id}#{state.cid} {what}")
         self.feed(src, src.core.call_done, state.cid, outcome)
+
+
+# What a request in flight at a node that dies gets.  A client sees a 5xx (its outcome is
+# unknown, as the checker assumes); a node that forwarded it sees a broken connection (a
+# Failed that may have been applied, as httpx reports it), never an answer: a 503 would tell
+# it the write was not applied there, and it would send the write to another replica.
+CONNECTION_RESET = Reply(503, {"error": "connection reset"})
 
 
 def _body(reply: Reply) -> bytes:

@@ -18,7 +18,7 @@ from ..core import Core, Reply, Request
 from ..messages import loads
 from ..metadata import parse_metadata
 from ..view import View, parse_view
-from .network import Network, SimNode, Trace
+from .network import CONNECTION_RESET, Network, SimNode, Trace
 
 FAULTS = ["partition", "isolate", "oneway", "heal", "drop", "duplicate", "slow"]
 MODES: dict[str, list[str]] = {
@@ -280,8 +280,7 @@ class World:
     def _drop_clients(self, node: SimNode) -> None:
         """Requests in flight at a node that dies: their connections reset."""
         for owner in list(node.owners.values()):
-            self.net.after(0.001, lambda o=owner: o(  # type: ignore[misc]
-                Reply(503, {"error": "connection reset"})))
+            self.net.after(0.001, lambda o=owner: o(CONNECTION_RESET))  # type: ignore[misc]
         node.owners.clear()
 
     # ------------------------------------------------------------ the run
