@@ -100,11 +100,7 @@ async def change_under_traffic(
 
 
 async def test_grow_1_2_4_and_shrink_back_under_traffic(autojump_clock):
-    # The shards' listings carry the cross-shard pasts of 300 preloaded values (~325 deps),
-    # right at the default token bound (a known limit, docs/DESIGN.md): which side of it a
-    # run falls on is timing.  This test is about moving keys, so the bound is raised.
-    config = dataclasses.replace(Config(), max_token_deps=1024)
-    async with open_cluster({"A": 2}, spare=6, config=config) as cluster:
+    async with open_cluster({"A": 2}, spare=6) as cluster:
         expected, old_meta = await preload(cluster, 300)
         shapes = [
             {"A": [1, 2], "B": [3, 4]},
