@@ -286,6 +286,7 @@ def test_non_loopback_without_a_secret_warns_at_start_up() -> None:
 def test_client_write_ids_never_suppress_writes() -> None:
     with cluster(4, {"A": [0, 1], "B": [2, 3]}) as nodes, httpx.Client(timeout=30) as c:
         for i in range(4):
+            tokens = {}
             for key in (f"wid{i}", "shared"):
                 first = c.put(nodes.url(i) + f"/data/{key}", json={"value": "first"},
                               headers={"x-kv-write-id": "same"})
@@ -297,7 +298,10 @@ def test_client_write_ids_never_suppress_writes() -> None:
                 r = c.request("GET", nodes.url((i + 1) % 4) + f"/data/{key}",
                               json={"causal-metadata": second.json()["causal-metadata"]})
                 assert r.json().get("value") == f"second{i}", (i, key, r.text)
+                tokens[key] = second.json()["causal-metadata"]
+            # with its token: the delete may reach the replica the write has not reached yet
             gone = c.request("DELETE", nodes.url(i) + f"/data/wid{i}",
+                             json={"causal-metadata": tokens[f"wid{i}"]},
                              headers={"x-kv-write-id": "same"})
             assert gone.status_code == 200, gone.text
             assert c.get(nodes.url((i + 2) % 4) + f"/data/wid{i}", headers={
