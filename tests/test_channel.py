@@ -18,7 +18,7 @@ from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -31,6 +31,7 @@ from wsproto.events import Request as WSRequest
 
 from trio_kv.api import build_app
 from trio_kv.channel import CHANNEL_PATH, ChannelClient
+from trio_kv.channel_server import channel_endpoint
 from trio_kv.config import Config
 from trio_kv.frames import (
     MAX_FRAMES,
@@ -303,3 +304,29 @@ async def test_calls_queued_during_a_send_share_the_next_message() -> None:
         await trio.testing.wait_all_tasks_blocked()
         outbox.close()
     assert sent == [[b"frame0"], [b"frame%d" % i for i in range(1, 10)]]
+
+
+async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(
+    nursery: trio.Nursery,
+) -> None:
+    """Starlette re-raises an unhandled error after answering 500; over the channel the
+    answer is sent and the connection keeps serving."""
+    async def boom(request: Request) -> JSONResponse:
+        raise ValueError("a bug")
+
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    async def no_direct(*args: object) -> None:
+        return None
+
+    app = Starlette(routes=[
+        Route("/boom", boom), Route("/ok", ok),
+        WebSocketRoute(CHANNEL_PATH, channel_endpoint(lambda: app, no_direct, b"", 8, 4096)),
+    ])
+    address = await _serve(nursery, app)
+    client = _client()
+    client.start(nursery)
+    assert (await client.request(address, "GET", "/boom", timeout=5)).status == 500
+    assert (await client.request(address, "GET", "/ok", timeout=5)).json() == {"ok": True}
+    assert len(client._links) == 1 and client.stats.failures == {}

@@ -35,7 +35,14 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .frames import HEAD, FrameError, Outbox, decode_answer, encode_request, peek_id, unpack
 from .observe import REQUEST_ID, REQUEST_ID_HEADER
-from .transport import SECRET_HEADER, PeerCaller, PeerClient, PeerResponse, PeerUnavailable
+from .transport import (
+    SECRET_HEADER,
+    PeerCaller,
+    PeerClient,
+    PeerResponse,
+    PeerUnavailable,
+    route_of,
+)
 
 log = logging.getLogger("trio_kv.channel")
 
@@ -95,13 +102,9 @@ class _Link:
         pending = self.pending[fid] = _Pending()
         self.used_at = sent_at = trio.current_time()
         try:
-            try:
-                if self.closed:
-                    raise _NotSent
-                self.outbox.put(encode_request(fid, method, path, headers, body))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
-                raise PeerUnavailable(self.address, f"channel broke while sending: {exc!r}") \
-                    from exc
+            if self.closed:
+                raise _NotSent
+            self.outbox.put(encode_request(fid, method, path, headers, body))  # the writer sends
             await pending.done.wait()
         finally:
             self.pending.pop(fid, None)
@@ -214,7 +217,7 @@ class ChannelClient(PeerCaller):
         if content is not None:
             hdrs.setdefault("content-type", "application/json")
         body = content or b""
-        stats, route = self.stats, self.route_of(path)
+        stats, route = self.stats, route_of(path)
         stats.add(stats.calls, route)
         stats.add(stats.bytes_sent, route, len(body))
         try:

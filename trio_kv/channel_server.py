@@ -1,11 +1,13 @@
-"""Serving a peer's channel: each frame runs through our own ASGI app as an HTTP request.
+"""Serving a peer's channel: each frame is answered as the same HTTP request would be.
 
-Going through the app keeps one path for every request: the same routes, validation, limits,
-error bodies, metrics and request ids as over HTTP; only hypercorn's HTTP parsing and a
-connection per call are saved.  The secret is checked once, at the WebSocket handshake; frames
-on an authenticated channel then count as carrying it (a frame's own ``X-KV-Secret`` header is
-dropped, never trusted).  Frames are served concurrently, at most ``channel_max_in_flight`` at
-once: past that the channel is not read, which pushes back on the peer through TCP.
+Data and peer-message frames go to ``api.py``'s ``direct`` (the HTTP handlers' own parsing and
+answer builders, minus Starlette's routing and middleware); every other frame runs through our
+own ASGI app.  Either way the routes, validation, limits, error bodies, metrics and request ids
+are those of HTTP; hypercorn's HTTP parsing and a connection per call are saved.  The secret
+is checked once, at the WebSocket handshake; frames on an authenticated channel then count as
+carrying it (a frame's own ``X-KV-Secret`` header is dropped, never trusted).  Frames are
+served concurrently, at most ``channel_max_in_flight`` at once: past that the channel is not
+read, which pushes back on the peer through TCP.
 """
 
 from __future__ import annotations
@@ -169,5 +171,12 @@ async def _run(
             if not message.get("more_body", False):
                 answered.set()
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception:
+        # Starlette answers 500 to an unhandled error (our handler logs it), then re-raises
+        # it for the server: here the answer is what matters, and the channel goes on.
+        if not answered.is_set():
+            log.exception("unanswered error on %s %s (peer channel)", method, path)
+            return 500, _JSON, orjson.dumps({"error": "internal error; see the node's log"})
     return status, content_type, b"".join(chunks)

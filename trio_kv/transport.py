@@ -92,8 +92,6 @@ class PeerCaller:
     """What the node calls peers through: over HTTP (``PeerClient``) or over a persistent
     channel (``channel.ChannelClient``); both bound every call the same way."""
 
-    route_of = staticmethod(route_of)
-
     def __init__(self, concurrency: int) -> None:
         self.limiter = trio.CapacityLimiter(concurrency)
         self.stats = PeerStats()
