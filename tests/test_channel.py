@@ -1,4 +1,4 @@
-"""The peer channel over real loopback sockets: a real node's app served by hypercorn.
+"""The peer channel over real loopback sockets: a real node's app on the node's listener.
 
 What it must keep from HTTP peer calls: every bound (timeouts, stalls, answer sizes), the
 secret, ``not_sent`` only when provably not sent, and a node that survives any frame.
@@ -18,27 +18,24 @@ from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    RejectConnection,
-    TextMessage,
-)
-from wsproto.events import Request as WSRequest
+from starlette.routing import Route
 
+from trio_kv import listener
 from trio_kv.api import build_app
-from trio_kv.channel import CHANNEL_PATH, ChannelClient
-from trio_kv.channel_server import channel_endpoint
+from trio_kv.channel import ChannelClient
+from trio_kv.channel_server import channel_server
 from trio_kv.config import Config
 from trio_kv.frames import (
+    HEAD,
     MAX_FRAMES,
+    MAX_HELLO,
+    PREFACE,
+    MessageReader,
     Outbox,
     decode_answer,
     decode_request,
     encode_request,
+    message,
     pack,
     unpack,
 )
@@ -49,11 +46,24 @@ from trio_kv.view import parse_view
 SECRET = "s3cret"
 
 
-async def _serve(nursery: trio.Nursery, app: object) -> str:
+def _hyper_config() -> HyperConfig:
     cfg = HyperConfig()
     cfg.bind = ["127.0.0.1:0"]
     cfg.accesslog = None
-    binds = await nursery.start(partial(serve, app, cfg))  # type: ignore[arg-type]
+    return cfg
+
+
+async def _serve(nursery: trio.Nursery, app: Starlette) -> str:
+    """The app and its channel on one port, as a node serves them."""
+    binds = await nursery.start(partial(
+        listener.serve, app, _hyper_config(), app.state.serve_channel,
+        shutdown_trigger=trio.sleep_forever))
+    return str(binds[0]).removeprefix("http://")
+
+
+async def _serve_http_only(nursery: trio.Nursery, app: Starlette) -> str:
+    """Plain hypercorn: an older node, without the channel."""
+    binds = await nursery.start(partial(serve, app, _hyper_config()))  # type: ignore[arg-type]
     return str(binds[0]).removeprefix("http://")
 
 
@@ -114,11 +124,46 @@ async def test_a_wrong_secret_is_refused_at_the_handshake(nursery: trio.Nursery)
     assert info.value.status == 401 and info.value.not_sent
 
 
+@pytest.mark.parametrize("hello", [b"", b"[]", b'{"secret": 7}', b"{not json"])
+async def test_a_malformed_hello_is_refused_and_closed(nursery: trio.Nursery, hello: bytes) -> None:
+    _n, address = await _node(nursery, SECRET)
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(PREFACE + HEAD.pack(len(hello)) + hello)
+    reader = MessageReader(stream)
+    with trio.fail_after(5):
+        got = await reader.receive(MAX_HELLO)
+        assert got is not None and orjson.loads(got[0])["status"] == 400
+        assert await reader.receive(MAX_HELLO) is None
+
+
+async def test_one_port_tells_the_channel_from_http_whatever_the_chunks(
+    nursery: trio.Nursery,
+) -> None:
+    """The listener looks at the first bytes: a preface that arrives a byte at a time still
+    opens a channel, and an HTTP request sent a byte at a time is still HTTP."""
+    _n, address = await _node(nursery, SECRET)
+    host, port = address.rsplit(":", 1)
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(host, int(port))
+        for byte in PREFACE + message({"secret": SECRET}):
+            await stream.send_all(bytes([byte]))
+        got = await MessageReader(stream).receive(MAX_HELLO)
+        assert got is not None and orjson.loads(got[0]) == {"status": 200}
+        stream = await trio.open_tcp_stream(host, int(port))
+        for byte in b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\n":
+            await stream.send_all(bytes([byte]))
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+
+
 async def test_a_peer_without_the_channel_is_called_over_http(nursery: trio.Nursery) -> None:
     async def ping(request: Request) -> JSONResponse:
         return JSONResponse({"old": True})
 
-    address = await _serve(nursery, Starlette(routes=[Route("/ping", ping)]))
+    address = await _serve_http_only(nursery, Starlette(routes=[Route("/ping", ping)]))
     client = _client()
     client.start(nursery)
     for _ in range(2):  # the second call goes straight to HTTP
@@ -146,20 +191,19 @@ async def _silent_peer(nursery: trio.Nursery, answer_size: int = 0) -> tuple[str
 
     async def handle(stream: trio.SocketStream) -> None:
         connections.append(1)
-        ws = WSConnection(ConnectionType.SERVER)
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, WSRequest):
-                    await stream.send_all(ws.send(AcceptConnection()))
-                elif isinstance(event, BytesMessage) and answer_size:
-                    fid = decode_request(unpack(bytes(event.data))[0], 4096)[0]
-                    head = orjson.dumps([fid, 200, "application/json"])
-                    frame = struct.pack(">I", len(head)) + head + b"x" * answer_size
-                    await stream.send_all(ws.send(BytesMessage(pack([frame]))))
+        first = b""
+        while len(first) < len(PREFACE):
+            first += await stream.receive_some(len(PREFACE) - len(first))
+        assert first == PREFACE
+        reader = MessageReader(stream)
+        assert await reader.receive(MAX_HELLO)
+        await stream.send_all(message({"status": 200}))
+        while (got := await reader.receive(1 << 20)) is not None:
+            if answer_size:
+                fid = decode_request(unpack(got[0])[0], 4096)[0]
+                head = orjson.dumps([fid, 200, "application/json"])
+                frame = struct.pack(">I", len(head)) + head + b"x" * answer_size
+                await stream.send_all(pack([frame]))
 
     listeners = await nursery.start(trio.serve_tcp, handle, 0)
     port = listeners[0].socket.getsockname()[1]
@@ -187,34 +231,25 @@ async def test_an_answer_over_the_limit_is_refused_as_too_large(nursery: trio.Nu
     assert info.value.too_large
 
 
-async def _raw_channel(address: str, secret: str) -> tuple[trio.SocketStream, WSConnection]:
+async def _raw_channel(address: str, secret: str) -> tuple[trio.SocketStream, MessageReader]:
     host, port = address.rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(WSRequest(
-        host=address, target=CHANNEL_PATH, extra_headers=[(b"x-kv-secret", secret.encode())])))
-    while True:
-        ws.receive_data(await stream.receive_some(65536))
-        for event in ws.events():
-            assert not isinstance(event, RejectConnection)
-            if isinstance(event, AcceptConnection):
-                return stream, ws
+    await stream.send_all(PREFACE + message({"secret": secret}))
+    reader = MessageReader(stream)
+    got = await reader.receive(MAX_HELLO)
+    assert got is not None and orjson.loads(got[0]) == {"status": 200}
+    return stream, reader
 
 
-async def _answers(stream: trio.SocketStream, ws: WSConnection, n: int) -> list[object]:
+async def _answers(reader: MessageReader, n: int) -> list[object]:
     out: list[object] = []
     with trio.fail_after(5):
         while len(out) < n:
-            data = await stream.receive_some(65536)
-            if not data:
+            got = await reader.receive(1 << 20)
+            if got is None:
                 out.append("eof")
                 break
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, BytesMessage):
-                    out.extend(decode_answer(f, 4096) for f in unpack(bytes(event.data)))
-                elif isinstance(event, CloseConnection):
-                    out.append(("close", event.code))
+            out.extend(decode_answer(f, 4096) for f in unpack(got[0]))
     return out
 
 
@@ -228,29 +263,33 @@ async def _answers(stream: trio.SocketStream, ws: WSConnection, n: int) -> list[
 ])
 async def test_bad_frames_get_400_and_change_nothing(nursery: trio.Nursery, frame: bytes) -> None:
     node, address = await _node(nursery, SECRET)
-    stream, ws = await _raw_channel(address, SECRET)
-    await stream.send_all(ws.send(BytesMessage(pack([frame]))))
-    [(fid, status, _ctype, body)] = await _answers(stream, ws, 1)  # type: ignore[misc]
+    stream, reader = await _raw_channel(address, SECRET)
+    await stream.send_all(pack([frame]))
+    [(fid, status, _ctype, body)] = await _answers(reader, 1)  # type: ignore[misc]
     assert (fid, status) == (7, 400) and "error" in orjson.loads(body)
     assert len(node.replica.store) == 0 and node.task_failures == 0
 
 
-@pytest.mark.parametrize("message", [
-    BytesMessage(b"\x00"),  # shorter than a length
-    BytesMessage(struct.pack(">I", 1 << 30) + b"[]"),  # a frame past the message's end
-    BytesMessage(pack([struct.pack(">I", 1 << 30) + b"[]"])),  # a head past the frame's end
-    BytesMessage(pack([struct.pack(">I", 2) + b"{}"])),  # a head that is no list
-    BytesMessage(pack([b""] * (MAX_FRAMES + 1))),  # too many frames in one message
-    TextMessage("hello"),
+def _message(body: bytes) -> bytes:
+    return HEAD.pack(len(body)) + body
+
+
+@pytest.mark.parametrize("data", [
+    _message(b"\x00"),  # shorter than a frame's length
+    _message(struct.pack(">I", 1 << 30) + b"[]"),  # a frame past the message's end
+    pack([struct.pack(">I", 1 << 30) + b"[]"]),  # a head past the frame's end
+    pack([struct.pack(">I", 2) + b"{}"]),  # a head that is no list
+    pack([b""] * (MAX_FRAMES + 1)),  # too many frames in one message
+    HEAD.pack(1 << 30) + b"x" * 100,  # a message over the limit: never buffered
+    b"GET /ping HTTP/1.1\r\n\r\n",  # HTTP inside the channel
 ])
 async def test_unreadable_frames_close_the_channel_not_the_node(
-    nursery: trio.Nursery, message: BytesMessage | TextMessage
+    nursery: trio.Nursery, data: bytes
 ) -> None:
     node, address = await _node(nursery, SECRET)
-    stream, ws = await _raw_channel(address, SECRET)
-    await stream.send_all(ws.send(message))
-    [ending] = await _answers(stream, ws, 1)
-    assert ending == "eof" or ending[0] == "close"  # type: ignore[index]
+    stream, reader = await _raw_channel(address, SECRET)
+    await stream.send_all(data)
+    assert await _answers(reader, 1) == ["eof"]
     client = _client(SECRET)
     client.start(nursery)
     assert (await client.request(address, "GET", "/ping", timeout=5)).status == 200
@@ -289,7 +328,7 @@ async def test_calls_queued_during_a_send_share_the_next_message() -> None:
     release = trio.Event()
 
     async def send(message: bytes) -> None:
-        sent.append(unpack(message))
+        sent.append(unpack(message[HEAD.size :]))
         if len(sent) == 1:
             await release.wait()
 
@@ -320,13 +359,68 @@ async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(
     async def no_direct(*args: object) -> None:
         return None
 
-    app = Starlette(routes=[
-        Route("/boom", boom), Route("/ok", ok),
-        WebSocketRoute(CHANNEL_PATH, channel_endpoint(lambda: app, no_direct, b"", 8, 4096)),
-    ])
+    app = Starlette(routes=[Route("/boom", boom), Route("/ok", ok)])
+    app.state.serve_channel = channel_server(lambda: app, no_direct, b"", 8, 4096, 1 << 20, 30)
     address = await _serve(nursery, app)
     client = _client()
     client.start(nursery)
     assert (await client.request(address, "GET", "/boom", timeout=5)).status == 500
     assert (await client.request(address, "GET", "/ok", timeout=5)).json() == {"ok": True}
     assert len(client._links) == 1 and client.stats.failures == {}
+
+
+async def test_silent_connections_are_closed(nursery: trio.Nursery) -> None:
+    """A connection that says nothing closes after keep_alive_timeout (as HTTP's idle ones do);
+    a channel that goes silent, after the channel's idle timeout."""
+    async def no_direct(*args: object) -> None:
+        return None
+
+    app = Starlette(routes=[])
+    app.state.serve_channel = channel_server(lambda: app, no_direct, b"", 8, 4096, 1 << 20, 0.5)
+    cfg = _hyper_config()
+    cfg.keep_alive_timeout = 0.2
+    binds = await nursery.start(partial(
+        listener.serve, app, cfg, app.state.serve_channel, shutdown_trigger=trio.sleep_forever))
+    host, port = str(binds[0]).removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(5):
+        silent = await trio.open_tcp_stream(host, int(port))
+        assert await silent.receive_some(10) == b""
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(PREFACE + message({"secret": ""}))
+        reader = MessageReader(stream)
+        assert await reader.receive(MAX_HELLO) is not None  # welcome
+        assert await reader.receive(1 << 20) is None  # then closed for silence
+
+
+async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
+    nursery: trio.Nursery,
+) -> None:
+    """Shutting down stops reading new frames; a call already running still gets its answer
+    before the channel closes (HTTP requests in flight get the same grace)."""
+    release = trio.Event()
+    started = trio.Event()
+
+    async def slow(request: Request) -> JSONResponse:
+        started.set()
+        await release.wait()
+        return JSONResponse({"done": True})
+
+    async def no_direct(*args: object) -> None:
+        return None
+
+    app = Starlette(routes=[Route("/slow", slow)])
+    app.state.serve_channel = channel_server(lambda: app, no_direct, b"", 8, 4096, 1 << 20, 30)
+    stop = trio.Event()
+    binds = await nursery.start(partial(
+        listener.serve, app, _hyper_config(), app.state.serve_channel, shutdown_trigger=stop.wait))
+    address = str(binds[0]).removeprefix("http://")
+    stream, reader = await _raw_channel(address, "")
+    await stream.send_all(pack([encode_request(1, "GET", "/slow", {}, b"")]))
+    with trio.fail_after(5):
+        await started.wait()
+        stop.set()
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        [(fid, status, _ctype, body)] = await _answers(reader, 1)  # type: ignore[misc]
+        assert (fid, status, orjson.loads(body)) == (1, 200, {"done": True})
+        assert await _answers(reader, 1) == ["eof"]

@@ -19,11 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .channel import CHANNEL_PATH
-from .channel_server import channel_endpoint
+from .channel_server import channel_server
 from .config import Config
 from .listing import PageError, parse_page
 from .messages import WireError
@@ -379,8 +378,6 @@ def build_app(node: Node) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *(Route(path, _internal(path), methods=["POST"]) for path in peer_messages),
-        WebSocketRoute(CHANNEL_PATH, channel_endpoint(
-            lambda: app, direct, secret, cfg.channel_max_in_flight, cfg.max_header_bytes)),
     ]
     app = Starlette(
         routes=routes,
@@ -395,4 +392,8 @@ def build_app(node: Node) -> Starlette:
         },
     )
     app.router.redirect_slashes = False
+    # the listener serves the peer channel on the same port (listener.py)
+    app.state.serve_channel = channel_server(
+        lambda: app, direct, secret, cfg.channel_max_in_flight, cfg.max_header_bytes,
+        cfg.max_peer_message_bytes + cfg.max_header_bytes, cfg.connection_read_timeout)
     return app

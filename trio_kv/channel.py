@@ -1,9 +1,11 @@
-"""Peer calls over one persistent WebSocket per peer, on the peer's own port.
+"""Peer calls over one persistent connection per peer, on the peer's own port.
 
 A forwarded request over HTTP cost a full hypercorn request at the owner plus an httpx call
 here, three times a local request.  A channel carries many calls at once on one connection
-(frames in ``frames.py``, matched by id, answered in any order), and the owner runs each frame
-through the same ASGI app as an HTTP request (``channel_server.py``), minus HTTP parsing.
+(frames in ``frames.py``, matched by id, answered in any order), and the owner serves each
+frame as it would the same HTTP request (``channel_server.py``), minus HTTP parsing.  The
+connection opens with a preface the owner's listener tells from HTTP (``listener.py``), so the
+view keeps one address per node.
 
 Bounds: every call sits in a cancel scope of its timeout, connecting and the handshake in
 ``connect_timeout``, calls in flight in a capacity limiter, answers in ``max_answer_bytes``.
@@ -11,8 +13,8 @@ A call whose frame provably never left (connect or handshake failed, or the conn
 before our frame was written) is ``not_sent``; otherwise it may have been applied.  A call that
 timed out on a connection that has received nothing since the call was sent takes the
 connection down with it (a partition): the next call reconnects.  A peer that does not serve
-the channel (403 or 404: an older version) is called over HTTP instead, so clusters can upgrade one
-node at a time.
+the channel (it answers the preface with HTTP: an older version) is called over HTTP instead,
+so clusters can upgrade one node at a time.
 """
 
 from __future__ import annotations
@@ -20,23 +22,24 @@ from __future__ import annotations
 import itertools
 import logging
 
+import orjson
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    Request,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .frames import HEAD, FrameError, Outbox, decode_answer, encode_request, peek_id, unpack
+from .frames import (
+    HEAD,
+    MAX_HELLO,
+    PREFACE,
+    FrameError,
+    MessageReader,
+    Outbox,
+    decode_answer,
+    encode_request,
+    message,
+    peek_id,
+    unpack,
+)
 from .observe import REQUEST_ID, REQUEST_ID_HEADER
 from .transport import (
-    SECRET_HEADER,
     PeerCaller,
     PeerClient,
     PeerResponse,
@@ -46,9 +49,7 @@ from .transport import (
 
 log = logging.getLogger("trio_kv.channel")
 
-CHANNEL_PATH = "/internal/channel"
 MAX_ANSWER_HEAD = 4096
-RECEIVE_BYTES = 65536
 HTTP_ONLY_FOR = 60.0  # seconds a peer without the channel is called over HTTP before we re-ask
 
 
@@ -67,33 +68,27 @@ class _Pending:
 
 
 class _Link:
-    """One open WebSocket to one peer, shared by every call to it."""
+    """One open channel to one peer, shared by every call to it."""
 
-    def __init__(self, address: str, stream: trio.SocketStream, ws: WSConnection) -> None:
+    def __init__(self, address: str, stream: trio.SocketStream, reader: MessageReader) -> None:
         self.address = address
         self.stream = stream
-        self.ws = ws
+        self.reader = reader
         self.pending: dict[int, _Pending] = {}
         self.closed = False
         self.received_at = trio.current_time()
         self.used_at = self.received_at
         self._ids = itertools.count(1)
-        self._send_lock = trio.Lock()
-        self.outbox = Outbox(self._send_message)
+        self.outbox = Outbox(self.send)
 
-    async def _send_message(self, message: bytes) -> None:
-        await self.send(BytesMessage(message))
-
-    async def send(self, event: Event) -> None:
-        async with self._send_lock:
-            if self.closed:
-                raise _NotSent
-            data = self.ws.send(event)
-            try:
-                await self.stream.send_all(data)
-            except BaseException:
-                self.abort("sending failed")  # a partly written frame leaves the stream unusable
-                raise
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise _NotSent
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            self.abort("sending failed")  # a partly written message leaves the stream unusable
+            raise
 
     async def call(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -138,8 +133,7 @@ class _Link:
         """The writer task: sends queued frames until the connection closes."""
         try:
             await self.outbox.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError,
-                LocalProtocolError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError) as exc:
             self.abort(f"sending failed: {exc!r}")
         except Exception:
             log.exception("channel to %s: writer failed", self.address)
@@ -289,74 +283,48 @@ class ChannelClient(PeerCaller):
         raise PeerUnavailable(address, f"no channel within {self._connect_timeout:g}s", True)
 
     async def _handshake(self, address: str, stream: trio.SocketStream) -> _Link:
-        ws = WSConnection(ConnectionType.CLIENT)
-        extra = [(SECRET_HEADER.encode(), self._secret.encode())] if self._secret else []
         try:
-            await stream.send_all(ws.send(Request(host=address, target=CHANNEL_PATH,
-                                                  extra_headers=extra)))
-            while True:
-                data = await stream.receive_some(RECEIVE_BYTES)
-                if not data:
-                    raise PeerUnavailable(address, "closed during the channel handshake", True)
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, AcceptConnection):
-                        return _Link(address, stream, ws)
-                    if isinstance(event, RejectConnection):
-                        # Starlette refuses a WebSocket on a path it has no route for with 403
-                        if event.status_code in (403, 404) and self._fallback is not None:
-                            self._http_only[address] = trio.current_time() + HTTP_ONLY_FOR
-                            raise _UseHttp
-                        raise PeerUnavailable(address, f"channel refused ({event.status_code})",
-                                              True, status=event.status_code)
-        except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+            await stream.send_all(PREFACE + message({"secret": self._secret}))
+            first = await stream.receive_some(MAX_HELLO)
+            if first.startswith(b"HTTP/") and self._fallback is not None:
+                # an older node: its HTTP server took the preface for a bad request
+                self._http_only[address] = trio.current_time() + HTTP_ONLY_FOR
+                raise _UseHttp
+            reader = MessageReader(stream, first)
+            got = await reader.receive(MAX_HELLO)
+            welcome = orjson.loads(got[0]) if got else None
+        except (trio.BrokenResourceError, OSError, FrameError, orjson.JSONDecodeError) as exc:
             raise PeerUnavailable(address, f"channel handshake failed: {exc!r}", True) from exc
+        if not isinstance(welcome, dict):
+            raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
+        status = welcome.get("status")
+        if status == 200:
+            return _Link(address, stream, reader)
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
+        raise PeerUnavailable(address, f"channel refused ({status}): {welcome.get('error')}",
+                              True, status=status)
 
     async def _read(self, link: _Link) -> None:
         """Deliver answers until the connection ends; never raises into the node."""
-        parts: list[bytes] = []
-        size = 0
+        limit = self._max_answer + MAX_ANSWER_HEAD
         why = "the peer closed the channel"
         try:
             while not link.closed:
-                data = await link.stream.receive_some(RECEIVE_BYTES)
-                if not data:
+                got = await link.reader.receive(limit, keep=2 * HEAD.size + MAX_ANSWER_HEAD)
+                if got is None:
                     break
                 link.received_at = trio.current_time()
-                link.ws.receive_data(data)
-                for event in link.ws.events():
-                    if isinstance(event, BytesMessage):
-                        size += len(event.data)
-                        if size <= self._max_answer + MAX_ANSWER_HEAD or not parts:
-                            parts.append(bytes(event.data))
-                        if event.message_finished:
-                            message = b"".join(parts)
-                            too_large = size > self._max_answer + MAX_ANSWER_HEAD
-                            parts, size = [], 0
-                            if too_large:  # only a lone answer can be (batches are capped)
-                                link.refuse(peek_id(message[HEAD.size :], MAX_ANSWER_HEAD),
-                                            f"answer larger than {self._max_answer} bytes", 413)
-                                continue
-                            try:
-                                frames = unpack(message)
-                            except FrameError as exc:
-                                why = f"malformed message: {exc}"
-                                break
-                            for frame in frames:
-                                link.deliver(frame)
-                    elif isinstance(event, Ping):
-                        await link.send(event.response())
-                    elif isinstance(event, CloseConnection):
-                        why = f"the peer closed the channel ({event.code})"
-                        break
-                    else:
-                        why = f"unexpected {type(event).__name__} on the channel"
-                        break
-                else:
+                data, size = got
+                if size > limit:  # only a lone answer can be (batches are capped)
+                    link.refuse(peek_id(data[HEAD.size :], MAX_ANSWER_HEAD),
+                                f"answer larger than {self._max_answer} bytes", 413)
                     continue
-                break
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError,
-                RemoteProtocolError, LocalProtocolError) as exc:
+                for frame in unpack(data):
+                    link.deliver(frame)
+        except FrameError as exc:
+            why = f"malformed message: {exc}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError) as exc:
             why = f"{type(exc).__name__}: {exc}"
         except Exception:
             log.exception("channel to %s: reader failed", link.address)

@@ -1,13 +1,15 @@
 """Serving a peer's channel: each frame is answered as the same HTTP request would be.
 
-Data and peer-message frames go to ``api.py``'s ``direct`` (the HTTP handlers' own parsing and
-answer builders, minus Starlette's routing and middleware); every other frame runs through our
-own ASGI app.  Either way the routes, validation, limits, error bodies, metrics and request ids
-are those of HTTP; hypercorn's HTTP parsing and a connection per call are saved.  The secret
-is checked once, at the WebSocket handshake; frames on an authenticated channel then count as
-carrying it (a frame's own ``X-KV-Secret`` header is dropped, never trusted).  Frames are
-served concurrently, at most ``channel_max_in_flight`` at once: past that the channel is not
-read, which pushes back on the peer through TCP.
+The listener (``listener.py``) hands over a connection that opened with the channel's
+preface.  Data and peer-message frames go to ``api.py``'s ``direct`` (the HTTP handlers' own
+parsing and answer builders, minus Starlette's routing and middleware); every other frame runs
+through our own ASGI app.  Either way the routes, validation, limits, error bodies, metrics and
+request ids are those of HTTP; HTTP parsing and a connection per call are saved.  The secret
+is checked once, in the hello; frames on an authenticated channel then count as carrying it
+(a frame's own ``X-KV-Secret`` header is dropped, never trusted).  Frames are served
+concurrently, at most ``channel_max_in_flight`` at once: past that the channel is not read,
+which pushes back on the peer through TCP.  A message over ``max_message`` bytes, a malformed
+one, or silence past ``idle_timeout`` closes the channel; the node goes on.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ from urllib.parse import unquote
 
 import orjson
 import trio
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Scope
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import ASGIApp, Message
 
-from .frames import FrameError, Outbox, decode_request, encode_answer, unpack
+from .frames import (
+    MAX_HELLO,
+    FrameError,
+    MessageReader,
+    Outbox,
+    decode_request,
+    encode_answer,
+    message,
+    unpack,
+)
 from .transport import SECRET_HEADER
 
 log = logging.getLogger("trio_kv.channel")
@@ -34,70 +43,100 @@ _SECRET = SECRET_HEADER.encode()
 
 
 Direct = Callable[[str, str, dict[str, str], bytes, str], Awaitable[tuple[int, bytes] | None]]
+ChannelServer = Callable[[trio.SocketStream, bytes, Any], Awaitable[None]]
 
 
-def channel_endpoint(
+def channel_server(
     app: Callable[[], ASGIApp], direct: Direct, secret: bytes, max_in_flight: int,
-    max_head: int,
-) -> Callable[[WebSocket], Any]:
+    max_head: int, max_message: int, idle_timeout: float,
+) -> ChannelServer:
     """``direct`` serves the hot routes (data, peer messages) without the ASGI stack; every
     other frame runs through ``app``."""
-    async def endpoint(ws: WebSocket) -> None:
-        given = ws.headers.get(SECRET_HEADER, "").encode("latin-1")
-        if secret and not hmac.compare_digest(given, secret):
-            await ws.send_denial_response(JSONResponse(
-                {"error": "internal endpoint: cluster secret missing or wrong"}, status_code=401))
-            return
-        await ws.accept()
-        base = _base_scope(ws.scope)
+
+    async def serve_channel(stream: trio.SocketStream, rest: bytes, terminated: Any) -> None:
+        reader = MessageReader(stream, rest)
+        try:
+            with trio.fail_after(idle_timeout):
+                got = await reader.receive(MAX_HELLO)
+            hello = orjson.loads(got[0]) if got else None
+        except (FrameError, orjson.JSONDecodeError, trio.TooSlowError,
+                trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            hello = None
+        try:
+            given = hello.get("secret") if isinstance(hello, dict) else None
+            if not isinstance(given, str):
+                await stream.send_all(message({"status": 400, "error": "malformed hello"}))
+            elif secret and not hmac.compare_digest(given.encode(), secret):
+                await stream.send_all(message(
+                    {"status": 401, "error": "internal endpoint: cluster secret missing or wrong"}))
+            else:
+                await stream.send_all(message({"status": 200}))
+                await _channel(stream, reader, terminated)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away
+        finally:
+            stream.socket.close()
+
+    async def _channel(stream: trio.SocketStream, reader: MessageReader, terminated: Any) -> None:
+        peer, here = stream.socket.getpeername(), stream.socket.getsockname()
+        base = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "scheme": "http", "root_path": "",
+            "client": tuple(peer[:2]), "server": tuple(here[:2]),
+        }
         trusted = [(_SECRET, secret)] if secret else []
         limit = trio.Semaphore(max_in_flight)
-        outbox = Outbox(ws.send_bytes)
+        outbox = Outbox(stream.send_all)
+        reading = trio.CancelScope()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_write, outbox)
-            while True:
-                message = await ws.receive()
-                if message["type"] != "websocket.receive":
-                    break  # the peer went away
-                data = message.get("bytes")
-                if data is None:
-                    await ws.close(code=1003, reason="the channel carries binary frames only")
-                    break
-                try:
-                    frames = unpack(data)
-                except FrameError as exc:
-                    log.warning("closing a peer channel: %s", exc)
-                    await ws.close(code=1002, reason="malformed message")
-                    break
-                for frame in frames:
-                    await limit.acquire()
-                    nursery.start_soon(_serve, app(), direct, base, trusted, frame, outbox,
-                                       ws, limit, max_head)
-            # Calls in flight run to their end, as HTTP requests do when their client goes
-            # away (each is bounded by its own deadline); their answers are dropped.
-            outbox.close()
+            nursery.start_soon(_write, outbox, reading)
+            nursery.start_soon(_stop_reading_on, terminated, reading)
+            async with trio.open_nursery() as serving:
+                with reading:
+                    try:
+                        while True:
+                            with trio.fail_after(idle_timeout):
+                                got = await reader.receive(max_message)
+                            if got is None:
+                                break
+                            for frame in unpack(got[0]):
+                                await limit.acquire()
+                                serving.start_soon(_serve, app(), direct, base, str(peer[0]),
+                                                   trusted, frame, outbox, limit, reading,
+                                                   max_head)
+                    except FrameError as exc:
+                        log.warning("closing a peer channel: %s", exc)
+                    except (trio.TooSlowError, trio.BrokenResourceError,
+                            trio.ClosedResourceError, OSError):
+                        pass  # silent past idle_timeout, or gone
+                # Calls in flight run to their end, as HTTP requests do when their client
+                # goes away (each is bounded by its own deadline), and are answered if the
+                # peer still reads.
+            outbox.finish()
+            with trio.move_on_after(idle_timeout):
+                await outbox.finished.wait()
+            nursery.cancel_scope.cancel()
 
-    return endpoint
+    return serve_channel
 
 
-async def _write(outbox: Outbox) -> None:
+async def _write(outbox: Outbox, reading: trio.CancelScope) -> None:
     try:
         await outbox.run()
-    except (WebSocketDisconnect, RuntimeError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         outbox.close()  # the peer went away: nobody reads the answers
+        reading.cancel()
 
 
-def _base_scope(ws_scope: Scope) -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1", "scheme": "http", "root_path": ws_scope.get("root_path", ""),
-        "client": ws_scope.get("client"), "server": ws_scope.get("server"),
-    }
+async def _stop_reading_on(terminated: Any, reading: trio.CancelScope) -> None:
+    await terminated.wait()
+    reading.cancel()  # the node is shutting down: no new calls on this channel
 
 
 async def _serve(
-    app: ASGIApp, direct: Direct, base: dict[str, Any], trusted: list[tuple[bytes, bytes]],
-    frame: bytes, outbox: Outbox, ws: WebSocket, limit: trio.Semaphore, max_head: int,
+    app: ASGIApp, direct: Direct, base: dict[str, Any], client: str,
+    trusted: list[tuple[bytes, bytes]], frame: bytes, outbox: Outbox, limit: trio.Semaphore,
+    reading: trio.CancelScope, max_head: int,
 ) -> None:
     try:
         try:
@@ -105,7 +144,7 @@ async def _serve(
         except FrameError as exc:
             if exc.frame_id is None:
                 log.warning("closing a peer channel: %s", exc)
-                await ws.close(code=1002, reason="malformed frame")
+                reading.cancel()  # an unanswerable call: the peer would wait for it in vain
                 return
             error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
             outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
@@ -114,8 +153,7 @@ async def _serve(
         for name, value in headers:
             if name != SECRET_HEADER:
                 first.setdefault(name, value)
-        client = base.get("client")
-        served = await direct(method, path, first, body, client[0] if client else "?")
+        served = await direct(method, path, first, body, client)
         if served is not None:
             status, answer = served
             content_type = _JSON
@@ -123,8 +161,6 @@ async def _serve(
             status, content_type, answer = await _run(app, base, trusted, method, path, headers,
                                                       body)
         outbox.put(encode_answer(fid, status, content_type, answer))
-    except (WebSocketDisconnect, RuntimeError):
-        pass  # closed while we answered (starlette raises RuntimeError after a close)
     finally:
         limit.release()
 

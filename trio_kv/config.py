@@ -42,7 +42,7 @@ class Config:
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20
     # peer calls
-    peer_transport: str = "channel"  # channel (one WebSocket per peer) | http (a call each)
+    peer_transport: str = "channel"  # channel (one connection per peer) | http (a call each)
     channel_max_in_flight: int = 256  # frames served at once on one incoming channel
     connect_timeout: float = 1.0
     peer_timeout: float = 5.0  # one replication or handoff call
@@ -125,6 +125,13 @@ class Config:
     def client_keepalive_expiry(self) -> float:
         """Below the server's keep-alive, so a reused connection is never one being closed."""
         return max(0.5, self.keep_alive_timeout / 2)
+
+    @property
+    def connection_read_timeout(self) -> float:
+        """How long an open connection may send nothing while a call on it may still be
+        answered: above the longest answer (a causal wait, or a PUT /view)."""
+        return (max(self.keep_alive_timeout, self.wait_deadline, self.put_view_timeout)
+                + self.read_timeout + 1)
 
     @property
     def max_skew_ms(self) -> int:

@@ -34,7 +34,7 @@ HELP: dict[str, str] = {
     "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
     "batch_entries": "Most entries in one replication batch (a count).",
     "batch_bytes": "Most bytes of entries in one replication batch, in bytes.",
-    "peer_transport": "How this node calls its peers: channel (one persistent WebSocket per "
+    "peer_transport": "How this node calls its peers: channel (one persistent connection per "
     "peer on its own port, many calls in flight on it; a peer without it is called over HTTP) "
     "or http (one HTTP request per call).",
     "channel_max_in_flight": "Most frames one incoming peer channel has served at once (a "

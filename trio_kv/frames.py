@@ -1,6 +1,9 @@
-"""The peer channel's frames: HTTP-shaped requests and answers, several per WebSocket message.
+"""The peer channel's wire format: HTTP-shaped requests and answers, several per message.
 
-A message is a sequence of frames, each prefixed by its 4-byte big-endian length: calls that
+A channel opens with ``PREFACE`` and a hello message (the secret); the owner answers with a
+welcome message (``{"status": 200}``, or an error status and text, then closes).  After that
+each side sends messages: a 4-byte big-endian length, then the message.  A message is a
+sequence of frames, each prefixed by its 4-byte big-endian length: calls that
 queue while a message is being sent go out together in the next one, so under load one send
 and one receive (and one wake-up on each side) carry many calls.  A frame is a 4-byte
 big-endian head length, a JSON head, then the body as raw bytes (bodies are JSON already;
@@ -24,6 +27,9 @@ MAX_HEADERS = 32
 MAX_FRAMES = 1024  # per message: bounds the work one message can ask for
 BATCH_BYTES = 1 << 20  # frames joined into one message up to this (a larger frame goes alone)
 METHODS = frozenset({"GET", "PUT", "POST", "DELETE"})
+PREFACE = b"TKV-CHANNEL/1\r\n\r\n"  # to an HTTP server, a whole (bad) request head
+MAX_HELLO = 4096  # bytes of a hello or welcome message
+RECEIVE_BYTES = 65536
 
 
 class FrameError(ValueError):
@@ -36,7 +42,55 @@ class FrameError(ValueError):
 
 
 def pack(frames: list[bytes]) -> bytes:
-    return b"".join(HEAD.pack(len(frame)) + frame for frame in frames)
+    """One message on the wire: its length, then its length-prefixed frames."""
+    body = b"".join(HEAD.pack(len(frame)) + frame for frame in frames)
+    return HEAD.pack(len(body)) + body
+
+
+class MessageReader:
+    """Length-prefixed messages off a stream.  A message over the limit is read past, never
+    held: the caller gets its first ``keep`` bytes and its size (or ``FrameError`` when it
+    keeps nothing), so one huge message costs no more memory than a small one."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, data: bytes = b"") -> None:
+        self._stream = stream
+        self._buffer = bytearray(data)
+
+    async def _fill(self) -> bool:
+        data = await self._stream.receive_some(RECEIVE_BYTES)
+        self._buffer += data
+        return bool(data)
+
+    async def receive(self, limit: int, keep: int = 0) -> tuple[bytes, int] | None:
+        """(message, its size) or None at a clean end of the stream."""
+        buffer = self._buffer
+        while len(buffer) < HEAD.size:
+            if not await self._fill():
+                if buffer:
+                    raise FrameError("the stream ended inside a message")
+                return None
+        (size,) = HEAD.unpack_from(buffer)
+        end = HEAD.size + size
+        if size > limit:
+            if not keep:
+                raise FrameError(f"a message of {size} bytes (at most {limit})")
+            while len(buffer) < HEAD.size + min(keep, size):
+                if not await self._fill():
+                    raise FrameError("the stream ended inside a message")
+            kept = bytes(buffer[HEAD.size : HEAD.size + min(keep, size)])
+            while len(buffer) < end:  # read past the rest, holding at most one read of it
+                end -= len(buffer)
+                buffer.clear()
+                if not await self._fill():
+                    raise FrameError("the stream ended inside a message")
+            del buffer[:end]
+            return kept, size
+        while len(buffer) < end:
+            if not await self._fill():
+                raise FrameError("the stream ended inside a message")
+        message = bytes(buffer[HEAD.size : end])
+        del buffer[:end]
+        return message, size
 
 
 class Outbox:
@@ -49,29 +103,50 @@ class Outbox:
         self._send = send
         self._queue: deque[bytes] = deque()
         self._wake = trio.Event()
+        self._finishing = False
         self.closed = False
+        self.finished = trio.Event()
 
     def put(self, frame: bytes) -> None:
         self._queue.append(frame)
         self._wake.set()
 
     def close(self) -> None:
+        """Stop now; frames still queued are dropped."""
         self.closed = True
         self._wake.set()
 
+    def finish(self) -> None:
+        """Stop once every frame queued so far is sent."""
+        self._finishing = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Send until closed; a failed send raises (the connection's owner closes it)."""
+        """Send until closed or finished; a failed send raises (the connection's owner closes
+        it)."""
         queue = self._queue
-        while not self.closed:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while queue and not self.closed:
-                frames = [queue.popleft()]
-                size = len(frames[0])
-                while queue and size + len(queue[0]) <= BATCH_BYTES and len(frames) < MAX_FRAMES:
-                    size += len(queue[0])
-                    frames.append(queue.popleft())
-                await self._send(pack(frames))
+        try:
+            while not self.closed:
+                while queue and not self.closed:
+                    frames = [queue.popleft()]
+                    size = len(frames[0])
+                    while (queue and size + len(queue[0]) <= BATCH_BYTES
+                           and len(frames) < MAX_FRAMES):
+                        size += len(queue[0])
+                        frames.append(queue.popleft())
+                    await self._send(pack(frames))
+                if self._finishing:
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+        finally:
+            self.finished.set()
+
+
+def message(payload: object) -> bytes:
+    """A hello or welcome message: JSON, length-prefixed."""
+    body = orjson.dumps(payload)
+    return HEAD.pack(len(body)) + body
 
 
 def unpack(message: bytes) -> list[bytes]:

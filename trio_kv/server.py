@@ -43,14 +43,9 @@ async def serve(config: Config) -> None:
     # would also cut a request still being answered, so it is only a backstop above the
     # longest answer (a causal wait, or a PUT /view).
     hcfg.keep_alive_timeout = config.keep_alive_timeout
-    hcfg.read_timeout = int(  # type: ignore[assignment,unused-ignore]
-        max(config.keep_alive_timeout, config.wait_deadline, config.put_view_timeout)
-        + config.read_timeout + 1
-    )
+    hcfg.read_timeout = int(config.connection_read_timeout)  # type: ignore[assignment,unused-ignore]
     hcfg.graceful_timeout = config.shutdown_grace
     hcfg.h11_max_incomplete_size = config.max_header_bytes
-    # a peer channel's frame: one peer message, plus its head
-    hcfg.websocket_max_message_size = config.max_peer_message_bytes + config.max_header_bytes
     hcfg.accesslog = None
     hcfg.errorlog = logging.getLogger("hypercorn.error")
     stop = trio.Event()
@@ -105,10 +100,11 @@ async def _serve_http(
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    import hypercorn.trio
+    from .listener import serve as serve_node_port
 
     try:
-        await hypercorn.trio.serve(app, hcfg, shutdown_trigger=stop.wait, task_status=task_status)
+        await serve_node_port(app, hcfg, app.state.serve_channel, shutdown_trigger=stop.wait,
+                              task_status=task_status)
     finally:
         done.set()
 

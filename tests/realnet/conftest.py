@@ -6,11 +6,14 @@ image).  Where these are missing the tests are skipped with the reason, never fa
 
 Every cluster is created with the prefix ``tkvt`` on 10.77.7.0/24 (podman: 10.78.7.0/24), so
 a developer's own ``python -m chaos`` cluster (prefix ``tkv``) is left alone, and is torn down
-when its test ends, pass or fail.  On failure the end of every node's log is printed.
+when its test ends, pass or fail.  Two test runs on one machine would share those names, so a
+cluster is made only under an exclusive lock (``LOCK``): a second run waits its turn instead of
+tearing down the first one's namespaces.  On failure the end of every node's log is printed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -33,6 +36,7 @@ from .helpers import ClusterFactory  # noqa: E402
 PREFIX = "tkvt"
 NETNS_SUBNET = "10.77.7.0/24"
 PODMAN_SUBNET = "10.78.7.0/24"
+LOCK = Path("/run/lock/trio-kv-realnet-tests.lock")
 
 NODE_ENV: dict[str, str] = {
     # Short server-side deadlines keep every request loop of a scenario bounded well inside
@@ -105,8 +109,18 @@ def _dump_logs(cluster: Cluster) -> None:
         print(f"\n===== node {node.id} log (end) =====\n{cluster.backend.log_tail(node)}")
 
 
+@pytest.fixture(scope="session")
+def _machine_lock() -> Iterator[None]:
+    """Held from the first cluster to the end of the run: one run at a time owns the names."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # waits for another run on this machine to finish
+        yield
+
+
 def _factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              backend: str, subnet: str, **defaults: Any) -> Iterator[ClusterFactory]:
+    request.getfixturevalue("_machine_lock")
     clusters: list[Cluster] = []
     state_dir = tmp_path_factory.mktemp(f"chaos-{backend}")
 
