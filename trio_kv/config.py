@@ -58,6 +58,7 @@ class Config:
     handoff_batch_entries: int = 1000
     handoff_batch_bytes: int = 4 << 20  # one handoff batch or pull page, encoded
     handoff_retry_interval: float = 1.0
+    handoff_later_wait: float = 3.0  # a receiver that said "I will pull it" must hold it by then
     fence_probe_interval: float = 1.0  # while fenced, how often to ask the fencing shard
     # cross-shard pruning (core/crossdeps.py): values' dependencies on other shards' keys
     crossdeps_interval: float = 0.1  # least time between two rounds of stability queries
@@ -159,7 +160,8 @@ _POSITIVE = {
     "forward_attempt_timeout",
     "forward_concurrency", "forward_retry_after", "max_hops", "dedup_entries", "vnodes",
     "view_change_deadline", "put_view_timeout", "handoff_batch_entries", "handoff_batch_bytes",
-    "handoff_retry_interval", "fence_probe_interval", "crossdeps_interval", "crossdeps_queue",
+    "handoff_retry_interval", "handoff_later_wait", "fence_probe_interval",
+    "crossdeps_interval", "crossdeps_queue",
     "stable_query_deps", "keep_alive_timeout", "read_timeout",
     "max_page_items", "max_request_id_bytes", "max_commit_seconds",
 }

@@ -57,6 +57,9 @@ HELP: dict[str, str] = {
     "handoff_batch_bytes": "Most bytes of entries in one handoff batch or pull page, encoded, "
     "in bytes.",
     "handoff_batch_entries": "Most entries in one handoff or pull page (a count).",
+    "handoff_later_wait": "Longest a handoff waits for a new replica that said it would pull "
+    "the keys itself before offering them again (it must then take them or hold them), in "
+    "seconds; at most a quarter of view_change_deadline.",
     "handoff_retry_interval": "Longest pause between retries of unfinished handoffs and pulls, "
     "in seconds.",
     "fence_probe_interval": "While fenced, how often to ask the fencing shard which view it "

@@ -49,7 +49,7 @@ class _Replay(trio.abc.HalfCloseableStream):
             first, self._first = self._first, b""
             await trio.lowlevel.checkpoint()
             return first
-        return bytes(await self._stream.receive_some(max_bytes))
+        return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -88,7 +88,11 @@ async def _connection(
     if first is None:
         await stream.aclose()
     elif first.startswith(PREFACE):
-        await channel(stream, first[len(PREFACE):], context.terminated)
+        try:
+            await channel(stream, first[len(PREFACE):], context.terminated)
+        except Exception:  # a bug must cost one channel, never the node's listener
+            log.exception("peer channel failed")
+            stream.socket.close()
     else:
         await TCPServer(app, hcfg, context, ConnectionState(state.copy()),
                         _Replay(stream, first))  # type: ignore[arg-type]

@@ -282,7 +282,8 @@ class HandoffTask(Task):
     version already (pulled, or handed off by another old replica) needs nothing; values go
     only to those lacking them.  A receiver that will pull the keys from us answers ``later``:
     we offer them again once we served it the last page of a pull (``wake``), or, failing
-    that, after ``view_change_deadline / 4``, when it must take them or say it holds them."""
+    that, after ``handoff_later_wait`` (at most a quarter of the change's deadline), when it
+    must take them or say it holds them."""
 
     view: View | None = None
     shard: str = ""
@@ -343,7 +344,8 @@ class HandoffTask(Task):
             r.queue.append(send)
             self._send(core, r)
         if r.later:
-            r.fallback = core.k.after(core.config.view_change_deadline / 4,
+            cfg = core.config
+            r.fallback = core.k.after(min(cfg.handoff_later_wait, cfg.view_change_deadline / 4),
                                    lambda: self.wake(core, r.member.id))
         self._maybe_next(core)
 
