@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from functools import partial
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -74,6 +75,16 @@ async def _node(nursery: trio.Nursery, secret: str = "") -> tuple[Node, str]:
     view = parse_view({"view": {"s1": [{"id": 1, "address": address}]}})
     assert await node.put_view(view) is None
     return node, address
+
+
+async def _no_direct(*args: object) -> None:
+    return None  # every frame through the app
+
+
+def _with_channel(app: Starlette, idle_timeout: float = 30, read_timeout: float = 10) -> None:
+    """A test app's channel: every frame through the app, 8 at once."""
+    app.state.serve_channel = channel_server(lambda: app, _no_direct, b"", 8, 4096, 1 << 20,
+                                             idle_timeout, read_timeout)
 
 
 def _client(secret: str = "", max_answer: int = 16 << 20) -> ChannelClient:
@@ -356,11 +367,8 @@ async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(
     async def ok(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
-    async def no_direct(*args: object) -> None:
-        return None
-
     app = Starlette(routes=[Route("/boom", boom), Route("/ok", ok)])
-    app.state.serve_channel = channel_server(lambda: app, no_direct, b"", 8, 4096, 1 << 20, 30)
+    _with_channel(app)
     address = await _serve(nursery, app)
     client = _client()
     client.start(nursery)
@@ -372,11 +380,8 @@ async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(
 async def test_silent_connections_are_closed(nursery: trio.Nursery) -> None:
     """A connection that says nothing closes after keep_alive_timeout (as HTTP's idle ones do);
     a channel that goes silent, after the channel's idle timeout."""
-    async def no_direct(*args: object) -> None:
-        return None
-
     app = Starlette(routes=[])
-    app.state.serve_channel = channel_server(lambda: app, no_direct, b"", 8, 4096, 1 << 20, 0.5)
+    _with_channel(app, idle_timeout=0.5, read_timeout=0.5)
     cfg = _hyper_config()
     cfg.keep_alive_timeout = 0.2
     binds = await nursery.start(partial(
@@ -405,11 +410,8 @@ async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
         await release.wait()
         return JSONResponse({"done": True})
 
-    async def no_direct(*args: object) -> None:
-        return None
-
     app = Starlette(routes=[Route("/slow", slow)])
-    app.state.serve_channel = channel_server(lambda: app, no_direct, b"", 8, 4096, 1 << 20, 30)
+    _with_channel(app)
     stop = trio.Event()
     binds = await nursery.start(partial(
         listener.serve, app, _hyper_config(), app.state.serve_channel, shutdown_trigger=stop.wait))
@@ -420,7 +422,120 @@ async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
         await started.wait()
         stop.set()
         await trio.testing.wait_all_tasks_blocked()
+        # the goaway: frame 1 was read, any later one will not be served
+        [(fid, status, ctype, body)] = await _answers(reader, 1)  # type: ignore[misc]
+        assert (fid, status, ctype, orjson.loads(body)) == (0, 503, "goaway", {"frames_read": 1})
+        await stream.send_all(pack([encode_request(2, "GET", "/slow", {}, b"")]))
         release.set()
         [(fid, status, _ctype, body)] = await _answers(reader, 1)  # type: ignore[misc]
         assert (fid, status, orjson.loads(body)) == (1, 200, {"done": True})
-        assert await _answers(reader, 1) == ["eof"]
+        assert await _answers(reader, 1) == ["eof"]  # frame 2 never served
+        await stream.aclose()
+
+
+async def test_a_call_after_the_goaway_is_not_sent(nursery: trio.Nursery) -> None:
+    """A client told the owner is stopping fails its later calls as not sent (so they may go
+    to another replica), while the call in flight still gets its answer."""
+    release = trio.Event()
+    started = trio.Event()
+
+    async def slow(request: Request) -> JSONResponse:
+        started.set()
+        await release.wait()
+        return JSONResponse({"done": True})
+
+    app = Starlette(routes=[Route("/slow", slow)])
+    _with_channel(app)
+    stop = trio.Event()
+    binds = await nursery.start(partial(
+        listener.serve, app, _hyper_config(), app.state.serve_channel, shutdown_trigger=stop.wait))
+    address = str(binds[0]).removeprefix("http://")
+    client = _client()
+    client.start(nursery)
+    answers: list[int] = []
+
+    async def first() -> None:
+        answers.append((await client.request(address, "GET", "/slow", timeout=5)).status)
+
+    with trio.fail_after(5):
+        nursery.start_soon(first)
+        await started.wait()
+        stop.set()
+        while not client._links[address].going_away:
+            await trio.sleep(0.01)
+        with pytest.raises(PeerUnavailable) as info:
+            await client.request(address, "GET", "/slow", timeout=2)
+        assert info.value.not_sent
+        release.set()
+        while not answers:
+            await trio.sleep(0.01)
+    assert answers == [200]
+
+
+async def test_a_peer_that_does_not_read_gets_no_more_answers_queued(
+    nursery: trio.Nursery,
+) -> None:
+    """Answers not yet written hold their call's slot: a peer that sends calls and never
+    reads is served at most channel_max_in_flight of them (plus what the sockets' buffers
+    take), not one answer per call kept in memory."""
+    node = Node(Config(node_id=1, host="127.0.0.1", channel_max_in_flight=4))
+    await nursery.start(node.run)
+    address = await _serve(nursery, build_app(node))
+    view = parse_view({"view": {"s1": [{"id": 1, "address": address}]}})
+    assert await node.put_view(view) is None
+    big = "x" * 900_000
+    assert (await node.data("PUT", "big", {}, big)).status in (200, 201)
+    host, port = address.rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(PREFACE + message({"secret": ""}))
+    await stream.receive_some(len(message({"status": 200})))
+    frames = [encode_request(i, "GET", "/data/big", {}, b"") for i in range(1, 201)]
+    await stream.send_all(pack(frames))
+
+    async def served() -> int:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://{address}/metrics")).text
+        line = next((ln for ln in text.splitlines() if ln.startswith("trio_kv_http_requests_total")
+                     and 'route="/data/{key}",status="200"' in ln), None)
+        return 0 if line is None else int(float(line.rsplit(" ", 1)[1]))
+
+    with trio.fail_after(20):
+        count, steady_since = -1, trio.current_time()
+        while trio.current_time() - steady_since < 1.0:  # until it stops growing
+            now = await served()
+            if now != count:
+                count, steady_since = now, trio.current_time()
+            await trio.sleep(0.1)
+    assert 4 <= count <= 4 + 12, f"{count} answers made for a peer that reads none"
+    await stream.aclose()
+
+
+async def test_a_silent_connection_does_not_hold_up_shutdown(nursery: trio.Nursery) -> None:
+    """A connection that has sent nothing yet (a health check, a port scan) closes when the
+    node stops, as hypercorn closes its idle ones, not after keep_alive_timeout."""
+    app = Starlette(routes=[])
+    _with_channel(app, idle_timeout=30, read_timeout=30)
+    cfg = _hyper_config()
+    cfg.keep_alive_timeout, cfg.graceful_timeout = 30, 30
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await listener.serve(app, cfg, app.state.serve_channel, shutdown_trigger=stop.wait,
+                             task_status=task_status)
+        stopped.set()
+
+    binds = await nursery.start(run)
+    host, port = str(binds[0]).removeprefix("http://").rsplit(":", 1)
+    silent = await trio.open_tcp_stream(host, int(port))
+    half = await trio.open_tcp_stream(host, int(port))
+    await half.send_all(PREFACE)  # a channel still to say hello
+    await trio.testing.wait_all_tasks_blocked(0.05)  # both accepted and waiting
+    with trio.fail_after(2):
+        stop.set()
+        await stopped.wait()
+        assert await silent.receive_some(10) == b""
+    await silent.aclose()
+    await half.aclose()

@@ -395,5 +395,6 @@ def build_app(node: Node) -> Starlette:
     # the listener serves the peer channel on the same port (listener.py)
     app.state.serve_channel = channel_server(
         lambda: app, direct, secret, cfg.channel_max_in_flight, cfg.max_header_bytes,
-        cfg.max_peer_message_bytes + cfg.max_header_bytes, cfg.connection_read_timeout)
+        cfg.max_peer_message_bytes + cfg.max_header_bytes, cfg.connection_read_timeout,
+        cfg.read_timeout)
     return app

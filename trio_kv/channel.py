@@ -26,6 +26,7 @@ import orjson
 import trio
 
 from .frames import (
+    GOAWAY_ID,
     HEAD,
     MAX_HELLO,
     PREFACE,
@@ -58,13 +59,18 @@ class _NotSent(Exception):
 
 
 class _Pending:
-    __slots__ = ("done", "error", "response", "status")
+    __slots__ = ("done", "error", "not_sent", "response", "status")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.response: PeerResponse | None = None
         self.error = ""
         self.status: int | None = None
+        self.not_sent = False
+
+    def fail(self, why: str, status: int | None = None, not_sent: bool = False) -> None:
+        self.error, self.status, self.not_sent = why, status, not_sent
+        self.done.set()
 
 
 class _Link:
@@ -76,9 +82,9 @@ class _Link:
         self.reader = reader
         self.pending: dict[int, _Pending] = {}
         self.closed = False
-        self.received_at = trio.current_time()
-        self.used_at = self.received_at
-        self._ids = itertools.count(1)
+        self.going_away = False  # the peer is stopping: it reads no more frames
+        self.used_at = trio.current_time()
+        self._ids = itertools.count(1)  # the n-th frame on the connection has id n
         self.outbox = Outbox(self.send)
 
     async def send(self, data: bytes) -> None:
@@ -93,20 +99,22 @@ class _Link:
     async def call(
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> PeerResponse:
+        if self.closed or self.going_away:
+            raise _NotSent
         fid = next(self._ids)
         pending = self.pending[fid] = _Pending()
         self.used_at = sent_at = trio.current_time()
         try:
-            if self.closed:
-                raise _NotSent
             self.outbox.put(encode_request(fid, method, path, headers, body))  # the writer sends
             await pending.done.wait()
         finally:
             self.pending.pop(fid, None)
-            if not pending.done.is_set() and not self.closed and self.received_at <= sent_at:
+            if (not pending.done.is_set() and not self.closed
+                    and self.reader.received_at <= sent_at):
                 self.abort("a call timed out with nothing received since it was sent")
         if pending.response is None:
-            raise PeerUnavailable(self.address, pending.error, status=pending.status)
+            raise PeerUnavailable(self.address, pending.error, pending.not_sent,
+                                  status=pending.status)
         self.used_at = trio.current_time()
         return pending.response
 
@@ -116,18 +124,33 @@ class _Link:
         except FrameError as exc:
             self.abort(f"malformed answer frame: {exc}")
             return
+        if fid == GOAWAY_ID and content_type == "goaway":
+            return self._going_away(body)
         pending = self.pending.get(fid)
         if pending is not None:  # else: an answer to a call that timed out meanwhile
             pending.response = PeerResponse(status, body, content_type)
             pending.done.set()
 
-    def refuse(self, fid: int | None, why: str, status: int) -> None:
-        pending = self.pending.get(fid) if fid is not None else None
-        if pending is None:
-            self.abort(why)
+    def _going_away(self, body: bytes) -> None:
+        """The peer stops reading: frames after the first ``frames_read`` were never served."""
+        try:
+            served = orjson.loads(body)["frames_read"]
+            if type(served) is not int:
+                raise TypeError
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            self.abort(f"malformed goaway: {exc!r}")
             return
-        pending.error, pending.status = why, status
-        pending.done.set()
+        self.going_away = True
+        for fid, pending in self.pending.items():
+            if fid > served and not pending.done.is_set():
+                pending.fail("the peer is stopping; this call was not served", 503,
+                             not_sent=True)
+
+    def refuse(self, fid: int | None, why: str, status: int) -> None:
+        if fid is None:
+            self.abort(why)
+        elif (pending := self.pending.get(fid)) is not None:
+            pending.fail(why, status)  # else: the call timed out meanwhile
 
     async def write(self) -> None:
         """The writer task: sends queued frames until the connection closes."""
@@ -148,8 +171,7 @@ class _Link:
             self.stream.socket.close()  # wakes the reader
         for pending in self.pending.values():
             if not pending.done.is_set():
-                pending.error = f"channel closed: {why}"
-                pending.done.set()
+                pending.fail(f"channel closed: {why}")
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.pending else now - self.used_at
@@ -251,14 +273,14 @@ class ChannelClient(PeerCaller):
 
     async def _link(self, address: str) -> _Link:
         link = self._links.get(address)
-        if link is not None and not link.closed:
+        if link is not None and not link.closed and not link.going_away:
             if link.idle_for(trio.current_time()) < self._expiry:
                 return link
             link.abort("idle")  # before the peer's read timeout closes it under a call
         lock = self._connecting.setdefault(address, trio.Lock())
         async with lock:
             link = self._links.get(address)
-            if link is not None and not link.closed:
+            if link is not None and not link.closed and not link.going_away:
                 return link
             if self._nursery is None:
                 raise PeerUnavailable(address, "this node is not running", not_sent=True)
@@ -314,7 +336,6 @@ class ChannelClient(PeerCaller):
                 got = await link.reader.receive(limit, keep=2 * HEAD.size + MAX_ANSWER_HEAD)
                 if got is None:
                     break
-                link.received_at = trio.current_time()
                 data, size = got
                 if size > limit:  # only a lone answer can be (batches are capped)
                     link.refuse(peek_id(data[HEAD.size :], MAX_ANSWER_HEAD),

@@ -31,6 +31,7 @@ from .frames import (
     Outbox,
     decode_request,
     encode_answer,
+    goaway,
     message,
     unpack,
 )
@@ -45,23 +46,27 @@ _SECRET = SECRET_HEADER.encode()
 Direct = Callable[[str, str, dict[str, str], bytes, str], Awaitable[tuple[int, bytes] | None]]
 ChannelServer = Callable[[trio.SocketStream, bytes, Any], Awaitable[None]]
 
-
 def channel_server(
     app: Callable[[], ASGIApp], direct: Direct, secret: bytes, max_in_flight: int,
-    max_head: int, max_message: int, idle_timeout: float,
+    max_head: int, max_message: int, idle_timeout: float, read_timeout: float,
 ) -> ChannelServer:
     """``direct`` serves the hot routes (data, peer messages) without the ASGI stack; every
-    other frame runs through ``app``."""
+    other frame runs through ``app``.  ``read_timeout`` bounds the hello and the wait for the
+    peer to close after our last answer; ``idle_timeout`` a silent channel and one send."""
 
     async def serve_channel(stream: trio.SocketStream, rest: bytes, terminated: Any) -> None:
         reader = MessageReader(stream, rest)
-        try:
-            with trio.fail_after(idle_timeout):
-                got = await reader.receive(MAX_HELLO)
-            hello = orjson.loads(got[0]) if got else None
-        except (FrameError, orjson.JSONDecodeError, trio.TooSlowError,
-                trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            hello = None
+        hello = None
+        async with trio.open_nursery() as waiting:  # the node stopping ends the wait
+            waiting.start_soon(_cancel_on, terminated, waiting.cancel_scope)
+            try:
+                with trio.fail_after(read_timeout):
+                    got = await reader.receive(MAX_HELLO)
+                hello = orjson.loads(got[0]) if got else None
+            except (FrameError, orjson.JSONDecodeError, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            waiting.cancel_scope.cancel()
         try:
             given = hello.get("secret") if isinstance(hello, dict) else None
             if not isinstance(given, str):
@@ -69,100 +74,151 @@ def channel_server(
             elif secret and not hmac.compare_digest(given.encode(), secret):
                 await stream.send_all(message(
                     {"status": 401, "error": "internal endpoint: cluster secret missing or wrong"}))
+            elif terminated.is_set():
+                await stream.send_all(message({"status": 503, "error": "this node is stopping"}))
             else:
                 await stream.send_all(message({"status": 200}))
-                await _channel(stream, reader, terminated)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                channel = _Channel(stream, reader, trio.Semaphore(max_in_flight))
+                if await channel.serve(app, direct, secret, terminated, max_head, max_message,
+                                       idle_timeout):
+                    await _linger(stream, reader, read_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                OSError):
             pass  # the peer went away
         finally:
             stream.socket.close()
 
-    async def _channel(stream: trio.SocketStream, reader: MessageReader, terminated: Any) -> None:
-        peer, here = stream.socket.getpeername(), stream.socket.getsockname()
+    return serve_channel
+
+
+async def _cancel_on(event: Any, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _linger(stream: trio.SocketStream, reader: MessageReader, timeout: float) -> None:
+    """Close gracefully: our FIN after the last answer, then read until the peer's (closing
+    with unread bytes would be a reset, which can overtake answers still in flight)."""
+    await stream.send_eof()
+    with trio.move_on_after(timeout):
+        while await stream.receive_some(65536):
+            pass
+
+
+class _Channel:
+    """One incoming channel: a reader that spawns a task per frame, at most ``limit`` frames
+    whose answers are not yet written, and one writer."""
+
+    def __init__(self, stream: trio.SocketStream, reader: MessageReader,
+                 limit: trio.Semaphore) -> None:
+        self.stream, self.reader, self.limit = stream, reader, limit
+        self.reading = trio.CancelScope()
+        self.frames_read = 0
+        self.peer_gone = False
+        self.goaway = b""
+
+    def _sent(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            if frame is not self.goaway:  # the goaway holds no slot
+                self.limit.release()
+
+    async def serve(
+        self, app: Callable[[], ASGIApp], direct: Direct, secret: bytes, terminated: Any,
+        max_head: int, max_message: int, idle_timeout: float,
+    ) -> bool:
+        """Serve until the peer closes, misbehaves or goes silent, or the node stops; True if
+        the peer may still be reading (then close gracefully)."""
+        peer, here = self.stream.socket.getpeername(), self.stream.socket.getsockname()
         base = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1", "scheme": "http", "root_path": "",
             "client": tuple(peer[:2]), "server": tuple(here[:2]),
         }
         trusted = [(_SECRET, secret)] if secret else []
-        limit = trio.Semaphore(max_in_flight)
-        outbox = Outbox(stream.send_all)
-        reading = trio.CancelScope()
+
+        async def send(data: bytes) -> None:
+            with trio.fail_after(idle_timeout):  # a peer that reads nothing loses the channel
+                await self.stream.send_all(data)
+
+        outbox = Outbox(send, self._sent)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_write, outbox, reading)
-            nursery.start_soon(_stop_reading_on, terminated, reading)
+            nursery.start_soon(self._write, outbox)
+            nursery.start_soon(self._stop_reading_on, terminated)
             async with trio.open_nursery() as serving:
-                with reading:
+                with self.reading:
                     try:
                         while True:
                             with trio.fail_after(idle_timeout):
-                                got = await reader.receive(max_message)
+                                got = await self.reader.receive(max_message)
                             if got is None:
                                 break
                             for frame in unpack(got[0]):
-                                await limit.acquire()
-                                serving.start_soon(_serve, app(), direct, base, str(peer[0]),
-                                                   trusted, frame, outbox, limit, reading,
+                                await self.limit.acquire()
+                                self.frames_read += 1
+                                serving.start_soon(self._serve, app(), direct, base,
+                                                   str(peer[0]), trusted, frame, outbox,
                                                    max_head)
                     except FrameError as exc:
                         log.warning("closing a peer channel: %s", exc)
                     except (trio.TooSlowError, trio.BrokenResourceError,
                             trio.ClosedResourceError, OSError):
                         pass  # silent past idle_timeout, or gone
+                if terminated.is_set():  # counted now that reading stopped: exact
+                    self.goaway = goaway(self.frames_read)
+                    outbox.put(self.goaway)
                 # Calls in flight run to their end, as HTTP requests do when their client
                 # goes away (each is bounded by its own deadline), and are answered if the
                 # peer still reads.
             outbox.finish()
-            with trio.move_on_after(idle_timeout):
-                await outbox.finished.wait()
+            await outbox.finished.wait()  # each send is bounded by idle_timeout
             nursery.cancel_scope.cancel()
+        return not self.peer_gone
 
-    return serve_channel
-
-
-async def _write(outbox: Outbox, reading: trio.CancelScope) -> None:
-    try:
-        await outbox.run()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        outbox.close()  # the peer went away: nobody reads the answers
-        reading.cancel()
-
-
-async def _stop_reading_on(terminated: Any, reading: trio.CancelScope) -> None:
-    await terminated.wait()
-    reading.cancel()  # the node is shutting down: no new calls on this channel
-
-
-async def _serve(
-    app: ASGIApp, direct: Direct, base: dict[str, Any], client: str,
-    trusted: list[tuple[bytes, bytes]], frame: bytes, outbox: Outbox, limit: trio.Semaphore,
-    reading: trio.CancelScope, max_head: int,
-) -> None:
-    try:
+    async def _write(self, outbox: Outbox) -> None:
         try:
-            fid, method, path, headers, body = decode_request(frame, max_head)
-        except FrameError as exc:
-            if exc.frame_id is None:
-                log.warning("closing a peer channel: %s", exc)
-                reading.cancel()  # an unanswerable call: the peer would wait for it in vain
+            await outbox.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            self.peer_gone = True  # or it stopped reading: nobody reads the answers
+            outbox.close()
+            self.reading.cancel()
+
+    async def _stop_reading_on(self, terminated: Any) -> None:
+        await terminated.wait()
+        self.reading.cancel()  # the node is stopping: no new calls on this channel
+
+    async def _serve(
+        self, app: ASGIApp, direct: Direct, base: dict[str, Any], client: str,
+        trusted: list[tuple[bytes, bytes]], frame: bytes, outbox: Outbox, max_head: int,
+    ) -> None:
+        answered = False  # once queued, the answer's slot is freed when it is written
+        try:
+            try:
+                fid, method, path, headers, body = decode_request(frame, max_head)
+            except FrameError as exc:
+                if exc.frame_id is None:
+                    log.warning("closing a peer channel: %s", exc)
+                    self.reading.cancel()  # an unanswerable call: its peer would wait in vain
+                    return
+                error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
+                outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
+                answered = True
                 return
-            error = orjson.dumps({"error": f"malformed channel frame: {exc}"})
-            outbox.put(encode_answer(exc.frame_id, 400, _JSON, error))
-            return
-        first: dict[str, str] = {}
-        for name, value in headers:
-            if name != SECRET_HEADER:
-                first.setdefault(name, value)
-        served = await direct(method, path, first, body, client)
-        if served is not None:
-            status, answer = served
-            content_type = _JSON
-        else:
-            status, content_type, answer = await _run(app, base, trusted, method, path, headers,
-                                                      body)
-        outbox.put(encode_answer(fid, status, content_type, answer))
-    finally:
-        limit.release()
+            first: dict[str, str] = {}
+            for name, value in headers:
+                if name != SECRET_HEADER:
+                    first.setdefault(name, value)
+            served = await direct(method, path, first, body, client)
+            if served is not None:
+                status, answer = served
+                content_type = _JSON
+            else:
+                status, content_type, answer = await _run(app, base, trusted, method, path,
+                                                          headers, body)
+            outbox.put(encode_answer(fid, status, content_type, answer))
+            answered = True
+        finally:
+            if not answered:
+                self.limit.release()
 
 
 async def _run(

@@ -55,10 +55,13 @@ class MessageReader:
     def __init__(self, stream: trio.abc.ReceiveStream, data: bytes = b"") -> None:
         self._stream = stream
         self._buffer = bytearray(data)
+        self.received_at = trio.current_time()  # when bytes last arrived (a slow big answer
+        # is not a partition)
 
     async def _fill(self) -> bool:
         data = await self._stream.receive_some(RECEIVE_BYTES)
         self._buffer += data
+        self.received_at = trio.current_time()
         return bool(data)
 
     async def receive(self, limit: int, keep: int = 0) -> tuple[bytes, int] | None:
@@ -97,10 +100,16 @@ class Outbox:
     """Frames waiting to be sent, sent by one writer task (``run``): each time it wakes it
     sends everything queued as one message, so a lone call waits for nothing and under load
     calls share sends.  Callers never do the I/O, so a caller's timeout never interrupts a
-    send that carries other calls' frames, and no caller is kept sending for others."""
+    send that carries other calls' frames, and no caller is kept sending for others.
+    ``sent`` is told which frames each send wrote (a server holds a call's slot until its
+    answer is written, so a peer that does not read cannot make answers pile up)."""
 
-    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+    def __init__(
+        self, send: Callable[[bytes], Awaitable[None]],
+        sent: Callable[[list[bytes]], None] | None = None,
+    ) -> None:
         self._send = send
+        self._sent = sent
         self._queue: deque[bytes] = deque()
         self._wake = trio.Event()
         self._finishing = False
@@ -135,6 +144,8 @@ class Outbox:
                         size += len(queue[0])
                         frames.append(queue.popleft())
                     await self._send(pack(frames))
+                    if self._sent is not None:
+                        self._sent(frames)
                 if self._finishing:
                     return
                 await self._wake.wait()
@@ -245,3 +256,12 @@ def peek_id(frame: bytes, max_head: int) -> int | None:
         return _frame_id(head)
     except FrameError:
         return None
+
+
+GOAWAY_ID = 0  # a client's ids start at 1: an answer with this id is the owner's goodbye
+
+
+def goaway(frames_read: int) -> bytes:
+    """Said once the owner stops reading (it is shutting down): the first ``frames_read``
+    frames of this channel are served or being served, and any later one never will be."""
+    return encode_answer(GOAWAY_ID, 503, "goaway", orjson.dumps({"frames_read": frames_read}))

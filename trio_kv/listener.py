@@ -82,9 +82,15 @@ async def _sniff(stream: trio.SocketStream, timeout: float) -> bytes | None:
 
 async def _connection(
     app: Any, hcfg: HyperConfig, context: WorkerContext, state: dict[str, Any],
-    channel: ChannelServer, stream: trio.SocketStream,
+    channel: ChannelServer, sniffing: set[trio.CancelScope], stream: trio.SocketStream,
 ) -> None:
-    first = await _sniff(stream, hcfg.keep_alive_timeout)
+    first = None
+    with trio.CancelScope() as scope:  # shutting down cancels it: a silent socket must not
+        sniffing.add(scope)            # hold the node for its whole grace period
+        try:
+            first = await _sniff(stream, hcfg.keep_alive_timeout)
+        finally:
+            sniffing.discard(scope)
     if first is None:
         await stream.aclose()
     elif first.startswith(PREFACE):
@@ -110,6 +116,7 @@ async def serve(
     then drain for at most ``hcfg.graceful_timeout``, as hypercorn does."""
     app = wrap_app(asgi_app, hcfg.wsgi_max_body_size, "asgi")
     state: dict[str, Any] = {}
+    sniffing: set[trio.CancelScope] = set()
     lifespan = Lifespan(app, hcfg, state)
     context = WorkerContext(None)
     async with trio.open_nursery() as lifespan_nursery:
@@ -128,13 +135,15 @@ async def serve(
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(partial(
                         trio.serve_listeners,
-                        partial(_connection, app, hcfg, context, state, channel),
+                        partial(_connection, app, hcfg, context, state, channel, sniffing),
                         listeners, handler_nursery=connections,
                     ))
                     await shutdown_trigger()
                     accepting.cancel_scope.cancel()
             finally:
                 await context.terminated.set()
+                for scope in sniffing:
+                    scope.cancel()
                 connections.cancel_scope.deadline = trio.current_time() + hcfg.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
