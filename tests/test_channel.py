@@ -233,6 +233,23 @@ async def test_a_stalled_channel_times_out_and_is_replaced(nursery: trio.Nursery
     assert len(connections) == 2  # the stalled connection was dropped, not reused
 
 
+async def test_a_caller_that_gives_up_leaves_the_connection_to_the_others(
+    nursery: trio.Nursery,
+) -> None:
+    """Only a call's own timeout says the connection may be dead: a caller cancelled from
+    outside (its client went away) must not take the other calls' connection down."""
+    address, connections = await _silent_peer(nursery)
+    client = _client()
+    client.start(nursery)
+    with trio.move_on_after(0.2):
+        await client.request(address, "GET", "/ping", timeout=5)
+    [link] = client._links.values()
+    assert not link.closed
+    with trio.fail_after(5), pytest.raises(PeerUnavailable):
+        await client.request(address, "GET", "/ping", timeout=0.3)
+    assert link.closed and len(connections) == 1
+
+
 async def test_an_answer_over_the_limit_is_refused_as_too_large(nursery: trio.Nursery) -> None:
     address, _ = await _silent_peer(nursery, answer_size=200_000)
     client = _client(max_answer=100_000)

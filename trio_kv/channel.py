@@ -103,15 +103,12 @@ class _Link:
             raise _NotSent
         fid = next(self._ids)
         pending = self.pending[fid] = _Pending()
-        self.used_at = sent_at = trio.current_time()
+        self.used_at = trio.current_time()
         try:
             self.outbox.put(encode_request(fid, method, path, headers, body))  # the writer sends
             await pending.done.wait()
         finally:
             self.pending.pop(fid, None)
-            if (not pending.done.is_set() and not self.closed
-                    and self.reader.received_at <= sent_at):
-                self.abort("a call timed out with nothing received since it was sent")
         if pending.response is None:
             raise PeerUnavailable(self.address, pending.error, pending.not_sent,
                                   status=pending.status)
@@ -256,11 +253,13 @@ class ChannelClient(PeerCaller):
             raise PeerUnavailable(address, f"request larger than {self._max_answer} bytes "
                                   "(max_peer_message_bytes)", not_sent=True, status=413)
         borrower = object()
+        link, sent_at = None, 0.0
         with trio.move_on_after(timeout):
             await self.limiter.acquire_on_behalf_of(borrower)
             try:
                 for attempt in (1, 2):
                     link = await self._link(address)
+                    sent_at = trio.current_time()
                     try:
                         return await link.call(method, path, headers, body)
                     except _NotSent:
@@ -269,6 +268,10 @@ class ChannelClient(PeerCaller):
                                                   not_sent=True) from None
             finally:
                 self.limiter.release_on_behalf_of(borrower)
+        # Our own timeout (a caller that cancels, e.g. its client went away, says nothing
+        # about the connection): nothing at all came back since the call went out.
+        if link is not None and not link.closed and link.reader.received_at <= sent_at:
+            link.abort("a call timed out with nothing received since it was sent")
         raise PeerUnavailable(address, f"no answer within {timeout:.1f}s")
 
     async def _link(self, address: str) -> _Link:
@@ -285,9 +288,13 @@ class ChannelClient(PeerCaller):
             if self._nursery is None:
                 raise PeerUnavailable(address, "this node is not running", not_sent=True)
             link = await self._connect(address)
+            try:
+                self._nursery.start_soon(self._read, link)
+                self._nursery.start_soon(link.write)
+            except RuntimeError:  # the node's nursery is closing: we are stopping
+                link.abort("this node is stopping")
+                raise PeerUnavailable(address, "this node is stopping", not_sent=True) from None
             self._links[address] = link
-            self._nursery.start_soon(self._read, link)
-            self._nursery.start_soon(link.write)
             return link
 
     async def _connect(self, address: str) -> _Link:
@@ -307,7 +314,12 @@ class ChannelClient(PeerCaller):
     async def _handshake(self, address: str, stream: trio.SocketStream) -> _Link:
         try:
             await stream.send_all(PREFACE + message({"secret": self._secret}))
-            first = await stream.receive_some(MAX_HELLO)
+            first = b""
+            while len(first) < len(b"HTTP/"):  # enough to tell a welcome from HTTP
+                data = await stream.receive_some(MAX_HELLO)
+                if not data:
+                    break
+                first += data
             if first.startswith(b"HTTP/") and self._fallback is not None:
                 # an older node: its HTTP server took the preface for a bad request
                 self._http_only[address] = trio.current_time() + HTTP_ONLY_FOR
