@@ -7,9 +7,11 @@ through our own ASGI app.  Either way the routes, validation, limits, error bodi
 request ids are those of HTTP; HTTP parsing and a connection per call are saved.  The secret
 is checked once, in the hello; frames on an authenticated channel then count as carrying it
 (a frame's own ``X-KV-Secret`` header is dropped, never trusted).  Frames are served
-concurrently, at most ``channel_max_in_flight`` at once: past that the channel is not read,
-which pushes back on the peer through TCP.  A message over ``max_message`` bytes, a malformed
-one, or silence past ``idle_timeout`` closes the channel; the node goes on.
+concurrently, at most ``channel_max_in_flight`` being served or with an answer not yet
+written: past that the channel is not read, which pushes back on the peer through TCP.  A
+message over ``max_message`` bytes, a malformed one, silence past ``idle_timeout`` or a send
+stuck that long closes the channel; the node goes on.  A stopping node says which frames it
+read (a goaway), answers them, and closes gracefully.
 """
 
 from __future__ import annotations
