@@ -414,13 +414,10 @@ async def test_silent_connections_are_closed(nursery: trio.Nursery) -> None:
         assert await reader.receive(1 << 20) is None  # then closed for silence
 
 
-async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
-    nursery: trio.Nursery,
-) -> None:
-    """Shutting down stops reading new frames; a call already running still gets its answer
-    before the channel closes (HTTP requests in flight get the same grace)."""
-    release = trio.Event()
-    started = trio.Event()
+async def _slow_server(nursery: trio.Nursery) -> tuple[str, trio.Event, trio.Event, trio.Event]:
+    """A server whose ``/slow`` answers once ``release`` is set (``started``: it is running);
+    ``stop`` shuts the server down."""
+    release, started, stop = trio.Event(), trio.Event(), trio.Event()
 
     async def slow(request: Request) -> JSONResponse:
         started.set()
@@ -429,10 +426,17 @@ async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
 
     app = Starlette(routes=[Route("/slow", slow)])
     _with_channel(app)
-    stop = trio.Event()
     binds = await nursery.start(partial(
         listener.serve, app, _hyper_config(), app.state.serve_channel, shutdown_trigger=stop.wait))
-    address = str(binds[0]).removeprefix("http://")
+    return str(binds[0]).removeprefix("http://"), started, release, stop
+
+
+async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
+    nursery: trio.Nursery,
+) -> None:
+    """Shutting down stops reading new frames; a call already running still gets its answer
+    before the channel closes (HTTP requests in flight get the same grace)."""
+    address, started, release, stop = await _slow_server(nursery)
     stream, reader = await _raw_channel(address, "")
     await stream.send_all(pack([encode_request(1, "GET", "/slow", {}, b"")]))
     with trio.fail_after(5):
@@ -453,20 +457,7 @@ async def test_calls_in_flight_are_answered_when_the_node_shuts_down(
 async def test_a_call_after_the_goaway_is_not_sent(nursery: trio.Nursery) -> None:
     """A client told the owner is stopping fails its later calls as not sent (so they may go
     to another replica), while the call in flight still gets its answer."""
-    release = trio.Event()
-    started = trio.Event()
-
-    async def slow(request: Request) -> JSONResponse:
-        started.set()
-        await release.wait()
-        return JSONResponse({"done": True})
-
-    app = Starlette(routes=[Route("/slow", slow)])
-    _with_channel(app)
-    stop = trio.Event()
-    binds = await nursery.start(partial(
-        listener.serve, app, _hyper_config(), app.state.serve_channel, shutdown_trigger=stop.wait))
-    address = str(binds[0]).removeprefix("http://")
+    address, started, release, stop = await _slow_server(nursery)
     client = _client()
     client.start(nursery)
     answers: list[int] = []
