@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message
 
 from .frames import (
     MAX_HELLO,
+    RECEIVE_BYTES,
     FrameError,
     MessageReader,
     Outbox,
@@ -83,7 +84,7 @@ def channel_server(
                 channel = _Channel(stream, reader, trio.Semaphore(max_in_flight))
                 if await channel.serve(app, direct, secret, terminated, max_head, max_message,
                                        idle_timeout):
-                    await _linger(stream, reader, read_timeout)
+                    await _linger(stream, read_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
                 OSError):
             pass  # the peer went away
@@ -98,12 +99,12 @@ async def _cancel_on(event: Any, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _linger(stream: trio.SocketStream, reader: MessageReader, timeout: float) -> None:
+async def _linger(stream: trio.SocketStream, timeout: float) -> None:
     """Close gracefully: our FIN after the last answer, then read until the peer's (closing
     with unread bytes would be a reset, which can overtake answers still in flight)."""
     await stream.send_eof()
     with trio.move_on_after(timeout):
-        while await stream.receive_some(65536):
+        while await stream.receive_some(RECEIVE_BYTES):
             pass
 
 

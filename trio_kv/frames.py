@@ -55,8 +55,8 @@ class MessageReader:
     def __init__(self, stream: trio.abc.ReceiveStream, data: bytes = b"") -> None:
         self._stream = stream
         self._buffer = bytearray(data)
-        self.received_at = trio.current_time()  # when bytes last arrived (a slow big answer
-        # is not a partition)
+        # when bytes last arrived: a large answer still arriving is not a partition
+        self.received_at = trio.current_time()
 
     async def _fill(self) -> bool:
         data = await self._stream.receive_some(RECEIVE_BYTES)

@@ -29,12 +29,9 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from .channel_server import ChannelServer
-from .frames import PREFACE
+from .frames import PREFACE, RECEIVE_BYTES
 
 log = logging.getLogger("trio_kv.node")
-
-SNIFF_BYTES = 65536
-
 
 class _Replay(trio.abc.HalfCloseableStream):
     """A socket stream whose first bytes (read while sniffing) are read again."""
@@ -70,7 +67,7 @@ async def _sniff(stream: trio.SocketStream, timeout: float) -> bytes | None:
     with trio.move_on_after(timeout):
         while len(first) < len(PREFACE) and PREFACE.startswith(first):
             try:
-                data = await stream.receive_some(SNIFF_BYTES)
+                data = await stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return None
             if not data:
