@@ -373,6 +373,45 @@ async def test_calls_queued_during_a_send_share_the_next_message() -> None:
     assert sent == [[b"frame0"], [b"frame%d" % i for i in range(1, 10)]]
 
 
+async def test_a_lone_frame_is_written_at_once_and_the_writer_finishes_what_is_left() -> None:
+    """With nothing queued or being sent, ``put`` writes the frame itself; bytes the socket
+    did not take are sent by the writer before anything queued after them, and ``sent``
+    hears of each frame once, when all of it is written."""
+    wire = bytearray()
+    takes: list[int] = []  # how many bytes each immediate send takes (-1: would block)
+    done: list[bytes] = []
+
+    def try_send(data: bytes) -> int:
+        take = takes.pop(0)
+        if take < 0:
+            raise BlockingIOError
+        wire.extend(data[:take])
+        return take
+
+    async def send(data: bytes) -> None:
+        wire.extend(data)
+
+    outbox = Outbox(send, done.extend, try_send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        await trio.testing.wait_all_tasks_blocked()
+        takes += [len(pack([b"whole"]))]
+        outbox.put(b"whole")  # taken whole: no writer involved
+        assert done == [b"whole"] and takes == []
+        takes += [3]
+        outbox.put(b"partly")  # 3 bytes taken; the rest is the writer's
+        assert done == [b"whole"]
+        outbox.put(b"after")  # queued behind the rest, not sent at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == [b"whole", b"partly", b"after"]
+        takes += [-1]
+        outbox.put(b"refused")  # the socket took nothing: the writer sends it
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.close()
+    assert done == [b"whole", b"partly", b"after", b"refused"]
+    assert bytes(wire) == b"".join(pack([f]) for f in (b"whole", b"partly", b"after", b"refused"))
+
+
 async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(
     nursery: trio.Nursery,
 ) -> None:
@@ -412,6 +451,17 @@ async def test_silent_connections_are_closed(nursery: trio.Nursery) -> None:
         reader = MessageReader(stream)
         assert await reader.receive(MAX_HELLO) is not None  # welcome
         assert await reader.receive(1 << 20) is None  # then closed for silence
+        # a message that trickles in, a byte at a time, is closed as soon
+        trickle = await trio.open_tcp_stream(host, int(port))
+        await trickle.send_all(PREFACE + message({"secret": ""}))
+        reader = MessageReader(trickle)
+        assert await reader.receive(MAX_HELLO) is not None
+        started = trio.current_time()
+        with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+            for byte in HEAD.pack(1000) + b"x" * 1000:
+                await trickle.send_all(bytes([byte]))
+                await trio.sleep(0.1)
+        assert 0.5 <= trio.current_time() - started < 2
 
 
 async def _slow_server(nursery: trio.Nursery) -> tuple[str, trio.Event, trio.Event, trio.Event]:

@@ -37,6 +37,7 @@ from .frames import (
     encode_request,
     message,
     peek_id,
+    try_send,
     unpack,
 )
 from .observe import REQUEST_ID, REQUEST_ID_HEADER
@@ -85,7 +86,7 @@ class _Link:
         self.going_away = False  # the peer is stopping: it reads no more frames
         self.used_at = trio.current_time()
         self._ids = itertools.count(1)  # the n-th frame on the connection has id n
-        self.outbox = Outbox(self.send)
+        self.outbox = Outbox(self.send, try_send=try_send(stream))
 
     async def send(self, data: bytes) -> None:
         if self.closed:
@@ -255,7 +256,10 @@ class ChannelClient(PeerCaller):
         borrower = object()
         link, sent_at = None, 0.0
         with trio.move_on_after(timeout):
-            await self.limiter.acquire_on_behalf_of(borrower)
+            try:
+                self.limiter.acquire_on_behalf_of_nowait(borrower)  # no yield per call
+            except trio.WouldBlock:
+                await self.limiter.acquire_on_behalf_of(borrower)
             try:
                 for attempt in (1, 2):
                     link = await self._link(address)

@@ -36,6 +36,7 @@ from .frames import (
     encode_answer,
     goaway,
     message,
+    try_send,
     unpack,
 )
 from .transport import SECRET_HEADER
@@ -117,6 +118,7 @@ class _Channel:
         self.stream, self.reader, self.limit = stream, reader, limit
         self.reading = trio.CancelScope()
         self.frames_read = 0
+        self.waiting_since: float | None = None  # when we began waiting for a message
         self.peer_gone = False
         self.goaway = b""
 
@@ -143,29 +145,33 @@ class _Channel:
             with trio.fail_after(idle_timeout):  # a peer that reads nothing loses the channel
                 await self.stream.send_all(data)
 
-        outbox = Outbox(send, self._sent)
+        outbox = Outbox(send, self._sent, try_send(self.stream))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, outbox)
             nursery.start_soon(self._stop_reading_on, terminated)
+            nursery.start_soon(self._stop_reading_when_silent, idle_timeout)
             async with trio.open_nursery() as serving:
                 with self.reading:
                     try:
                         while True:
-                            with trio.fail_after(idle_timeout):
-                                got = await self.reader.receive(max_message)
+                            self.waiting_since = trio.current_time()
+                            got = await self.reader.receive(max_message)
+                            self.waiting_since = None
                             if got is None:
                                 break
                             for frame in unpack(got[0]):
-                                await self.limit.acquire()
+                                try:
+                                    self.limit.acquire_nowait()  # no yield per frame
+                                except trio.WouldBlock:
+                                    await self.limit.acquire()
                                 self.frames_read += 1
                                 serving.start_soon(self._serve, app(), direct, base,
                                                    str(peer[0]), trusted, frame, outbox,
                                                    max_head)
                     except FrameError as exc:
                         log.warning("closing a peer channel: %s", exc)
-                    except (trio.TooSlowError, trio.BrokenResourceError,
-                            trio.ClosedResourceError, OSError):
-                        pass  # silent past idle_timeout, or gone
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass  # gone
                 if terminated.is_set():  # counted now that reading stopped: exact
                     self.goaway = goaway(self.frames_read)
                     outbox.put(self.goaway)
@@ -184,6 +190,19 @@ class _Channel:
             self.peer_gone = True  # or it stopped reading: nobody reads the answers
             outbox.close()
             self.reading.cancel()
+
+    async def _stop_reading_when_silent(self, idle_timeout: float) -> None:
+        """A message not complete ``idle_timeout`` after we began waiting for it closes the
+        channel (one watchdog: a timeout scope per message costs more than the message)."""
+        while True:
+            since = self.waiting_since
+            if since is None:
+                await trio.sleep(idle_timeout)
+            elif trio.current_time() - since >= idle_timeout:
+                self.reading.cancel()
+                return
+            else:
+                await trio.sleep_until(since + idle_timeout)
 
     async def _stop_reading_on(self, terminated: Any) -> None:
         await terminated.wait()
