@@ -7,6 +7,7 @@ secret, ``not_sent`` only when provably not sent, and a node that survives any f
 from __future__ import annotations
 
 import struct
+import time
 from functools import partial
 
 import httpx
@@ -32,7 +33,6 @@ from trio_kv.frames import (
     MAX_HELLO,
     PREFACE,
     MessageReader,
-    Outbox,
     decode_answer,
     decode_request,
     encode_request,
@@ -41,6 +41,7 @@ from trio_kv.frames import (
     unpack,
 )
 from trio_kv.node import Node
+from trio_kv.outbox import Outbox
 from trio_kv.transport import PeerClient, PeerUnavailable, real_transport
 from trio_kv.view import parse_view
 
@@ -84,7 +85,7 @@ async def _no_direct(*args: object) -> None:
 def _with_channel(app: Starlette, idle_timeout: float = 30, read_timeout: float = 10) -> None:
     """A test app's channel: every frame through the app, 8 at once."""
     app.state.serve_channel = channel_server(lambda: app, _no_direct, b"", 8, 4096, 1 << 20,
-                                             idle_timeout, read_timeout)
+                                             idle_timeout, read_timeout, 0.005)
 
 
 def _client(secret: str = "", max_answer: int = 16 << 20) -> ChannelClient:
@@ -373,43 +374,77 @@ async def test_calls_queued_during_a_send_share_the_next_message() -> None:
     assert sent == [[b"frame0"], [b"frame%d" % i for i in range(1, 10)]]
 
 
-async def test_a_lone_frame_is_written_at_once_and_the_writer_finishes_what_is_left() -> None:
-    """With nothing queued or being sent, ``put`` writes the frame itself; bytes the socket
-    did not take are sent by the writer before anything queued after them, and ``sent``
-    hears of each frame once, when all of it is written."""
-    wire = bytearray()
-    takes: list[int] = []  # how many bytes each immediate send takes (-1: would block)
+async def test_frames_wait_until_the_node_goes_idle_then_go_out_in_one_write() -> None:
+    """Frames are held while this node still has tasks to run (up to the linger), then
+    written together without the writer; bytes the socket did not take are the writer's,
+    sent before anything queued after them; ``sent`` hears of each frame once, when all of
+    it is written."""
+    writes: list[bytes] = []  # what each immediate write took
+    takes: list[int] = []  # bytes the next immediate writes take (-1: would block; else all)
+    by_writer: list[bytes] = []
     done: list[bytes] = []
 
     def try_send(data: bytes) -> int:
-        take = takes.pop(0)
+        take = takes.pop(0) if takes else len(data)
         if take < 0:
             raise BlockingIOError
-        wire.extend(data[:take])
+        writes.append(data[:take])
         return take
 
     async def send(data: bytes) -> None:
-        wire.extend(data)
+        by_writer.append(data)
 
-    outbox = Outbox(send, done.extend, try_send)
+    def sent(frames: list[bytes]) -> bool:
+        done.extend(frames)
+        return False
+
+    async def go_idle() -> None:
+        await trio.sleep(0.001)  # every task blocked: the loop waits for I/O, and flushes
+
+    outbox = Outbox(send, sent, try_send, linger=60)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits
+        outbox.put(b"a")
+        outbox.put(b"b")
+        for _ in range(10):
+            await trio.sleep(0)  # still runnable: the loop is busy, the frames wait
+        assert writes == [] and done == []
+        await go_idle()
+        assert writes == [pack([b"a", b"b"])] and done == [b"a", b"b"] and by_writer == []
+        takes.append(3)
+        outbox.put(b"partly")  # 3 bytes taken; the rest is the writer's
+        await go_idle()
+        outbox.put(b"after")  # after the rest
+        takes.append(-1)  # and the socket takes none of it: the writer sends it
+        await go_idle()
+        outbox.close()
+    assert done == [b"a", b"b", b"partly", b"after"]
+    assert b"".join(writes[1:]) + b"".join(by_writer) == pack([b"partly"]) + pack([b"after"])
+
+
+async def test_a_busy_node_sends_within_its_linger() -> None:
+    """A node that never goes idle still sends each frame once its linger is over."""
+    writes: list[bytes] = []
+
+    def try_send(data: bytes) -> int:
+        writes.append(data)
+        return len(data)
+
+    async def send(data: bytes) -> None:
+        raise AssertionError("the idle flush sends these")
+
+    outbox = Outbox(send, None, try_send, linger=0.01)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outbox.run)
         await trio.testing.wait_all_tasks_blocked()
-        takes += [len(pack([b"whole"]))]
-        outbox.put(b"whole")  # taken whole: no writer involved
-        assert done == [b"whole"] and takes == []
-        takes += [3]
-        outbox.put(b"partly")  # 3 bytes taken; the rest is the writer's
-        assert done == [b"whole"]
-        outbox.put(b"after")  # queued behind the rest, not sent at once
-        await trio.testing.wait_all_tasks_blocked()
-        assert done == [b"whole", b"partly", b"after"]
-        takes += [-1]
-        outbox.put(b"refused")  # the socket took nothing: the writer sends it
-        await trio.testing.wait_all_tasks_blocked()
+        outbox.put(b"frame")
+        started = time.perf_counter()
+        while not writes:
+            await trio.sleep(0)  # busy: always runnable
+        assert time.perf_counter() - started >= 0.01
         outbox.close()
-    assert done == [b"whole", b"partly", b"after", b"refused"]
-    assert bytes(wire) == b"".join(pack([f]) for f in (b"whole", b"partly", b"after", b"refused"))
+    assert writes == [pack([b"frame"])]
 
 
 async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(

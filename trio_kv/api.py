@@ -396,5 +396,5 @@ def build_app(node: Node) -> Starlette:
     app.state.serve_channel = channel_server(
         lambda: app, direct, secret, cfg.channel_max_in_flight, cfg.max_header_bytes,
         cfg.max_peer_message_bytes + cfg.max_header_bytes, cfg.connection_read_timeout,
-        cfg.read_timeout)
+        cfg.read_timeout, cfg.channel_send_linger)
     return app

@@ -32,15 +32,14 @@ from .frames import (
     PREFACE,
     FrameError,
     MessageReader,
-    Outbox,
     decode_answer,
     encode_request,
     message,
     peek_id,
-    try_send,
     unpack,
 )
 from .observe import REQUEST_ID, REQUEST_ID_HEADER
+from .outbox import Outbox, try_send
 from .transport import (
     PeerCaller,
     PeerClient,
@@ -77,7 +76,8 @@ class _Pending:
 class _Link:
     """One open channel to one peer, shared by every call to it."""
 
-    def __init__(self, address: str, stream: trio.SocketStream, reader: MessageReader) -> None:
+    def __init__(self, address: str, stream: trio.SocketStream, reader: MessageReader,
+                 linger: float) -> None:
         self.address = address
         self.stream = stream
         self.reader = reader
@@ -86,7 +86,7 @@ class _Link:
         self.going_away = False  # the peer is stopping: it reads no more frames
         self.used_at = trio.current_time()
         self._ids = itertools.count(1)  # the n-th frame on the connection has id n
-        self.outbox = Outbox(self.send, try_send=try_send(stream))
+        self.outbox = Outbox(self.send, try_send=try_send(stream), linger=linger)
 
     async def send(self, data: bytes) -> None:
         if self.closed:
@@ -186,8 +186,10 @@ class ChannelClient(PeerCaller):
         secret: str = "",
         max_answer_bytes: int = 16 << 20,
         fallback: PeerClient | None = None,
+        linger: float = 0.005,
     ) -> None:
         super().__init__(concurrency)
+        self._linger = linger
         self._connect_timeout = connect_timeout
         self._expiry = keepalive_expiry
         self._secret = secret
@@ -337,7 +339,7 @@ class ChannelClient(PeerCaller):
             raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
         status = welcome.get("status")
         if status == 200:
-            return _Link(address, stream, reader)
+            return _Link(address, stream, reader, self._linger)
         if not isinstance(status, int) or not 400 <= status <= 599:
             raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
         raise PeerUnavailable(address, f"channel refused ({status}): {welcome.get('error')}",

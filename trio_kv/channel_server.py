@@ -31,14 +31,13 @@ from .frames import (
     RECEIVE_BYTES,
     FrameError,
     MessageReader,
-    Outbox,
     decode_request,
     encode_answer,
     goaway,
     message,
-    try_send,
     unpack,
 )
+from .outbox import Outbox, try_send
 from .transport import SECRET_HEADER
 
 log = logging.getLogger("trio_kv.channel")
@@ -53,10 +52,12 @@ ChannelServer = Callable[[trio.SocketStream, bytes, Any], Awaitable[None]]
 def channel_server(
     app: Callable[[], ASGIApp], direct: Direct, secret: bytes, max_in_flight: int,
     max_head: int, max_message: int, idle_timeout: float, read_timeout: float,
+    send_linger: float,
 ) -> ChannelServer:
     """``direct`` serves the hot routes (data, peer messages) without the ASGI stack; every
     other frame runs through ``app``.  ``read_timeout`` bounds the hello and the wait for the
-    peer to close after our last answer; ``idle_timeout`` a silent channel and one send."""
+    peer to close after our last answer; ``idle_timeout`` a silent channel and one send;
+    ``send_linger`` how long answers may wait for this node to go idle (``outbox.py``)."""
 
     async def serve_channel(stream: trio.SocketStream, rest: bytes, terminated: Any) -> None:
         reader = MessageReader(stream, rest)
@@ -82,10 +83,10 @@ def channel_server(
                 await stream.send_all(message({"status": 503, "error": "this node is stopping"}))
             else:
                 await stream.send_all(message({"status": 200}))
-                channel = _Channel(stream, reader, trio.Semaphore(max_in_flight))
+                channel = _Channel(stream, reader, trio.Semaphore(max_in_flight), send_linger)
                 if await channel.serve(app, direct, secret, terminated, max_head, max_message,
                                        idle_timeout):
-                    await _linger(stream, read_timeout)
+                    await _close_gracefully(stream, read_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
                 OSError):
             pass  # the peer went away
@@ -100,7 +101,7 @@ async def _cancel_on(event: Any, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _linger(stream: trio.SocketStream, timeout: float) -> None:
+async def _close_gracefully(stream: trio.SocketStream, timeout: float) -> None:
     """Close gracefully: our FIN after the last answer, then read until the peer's (closing
     with unread bytes would be a reset, which can overtake answers still in flight)."""
     await stream.send_eof()
@@ -114,18 +115,21 @@ class _Channel:
     whose answers are not yet written, and one writer."""
 
     def __init__(self, stream: trio.SocketStream, reader: MessageReader,
-                 limit: trio.Semaphore) -> None:
+                 limit: trio.Semaphore, send_linger: float) -> None:
         self.stream, self.reader, self.limit = stream, reader, limit
+        self.send_linger = send_linger
         self.reading = trio.CancelScope()
         self.frames_read = 0
         self.waiting_since: float | None = None  # when we began waiting for a message
         self.peer_gone = False
         self.goaway = b""
 
-    def _sent(self, frames: list[bytes]) -> None:
+    def _sent(self, frames: list[bytes]) -> bool:
+        woke = self.limit.statistics().tasks_waiting > 0  # the reader, waiting for a slot
         for frame in frames:
             if frame is not self.goaway:  # the goaway holds no slot
                 self.limit.release()
+        return woke
 
     async def serve(
         self, app: Callable[[], ASGIApp], direct: Direct, secret: bytes, terminated: Any,
@@ -145,7 +149,7 @@ class _Channel:
             with trio.fail_after(idle_timeout):  # a peer that reads nothing loses the channel
                 await self.stream.send_all(data)
 
-        outbox = Outbox(send, self._sent, try_send(self.stream))
+        outbox = Outbox(send, self._sent, try_send(self.stream), self.send_linger)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, outbox)
             nursery.start_soon(self._stop_reading_on, terminated)

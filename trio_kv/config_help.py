@@ -39,6 +39,9 @@ HELP: dict[str, str] = {
     "or http (one HTTP request per call).",
     "channel_max_in_flight": "Most frames one incoming peer channel has served at once (a "
     "count); the channel reads no more until one is answered.",
+    "channel_send_linger": "Longest a peer frame waits for this node to have nothing else to "
+    "run before it is sent anyway, in seconds (frames go out when the node goes idle, each "
+    "peer's in one write; 0 sends every frame at the end of the event loop's pass).",
     "connect_timeout": "Longest wait to open a connection to a peer, in seconds.",
     "peer_timeout": "Longest one replication or handoff call may take, in seconds.",
     "forward_attempt_timeout": "Longest one forwarded request to one replica may take, in "

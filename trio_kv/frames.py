@@ -14,10 +14,7 @@ Frames come from the network: every field is checked here, before anything acts 
 
 from __future__ import annotations
 
-import os
 import struct
-from collections import deque
-from collections.abc import Awaitable, Callable
 
 import orjson
 import trio
@@ -95,105 +92,6 @@ class MessageReader:
         message = bytes(buffer[HEAD.size : end])
         del buffer[:end]
         return message, size
-
-
-class Outbox:
-    """Frames waiting to be sent, sent by one writer task (``run``): each time it wakes it
-    sends everything queued as one message, so under load calls share sends.  A frame put
-    while nothing is queued or being sent is written at once by ``try_send`` when the socket
-    takes it (no writer wake-up: a lone call's send costs one system call); what the socket
-    does not take is left to the writer.  Callers never wait on I/O, so a caller's timeout
-    never interrupts a send that carries other calls' frames, and no caller is kept sending
-    for others.  ``sent`` is told which frames each send wrote (a server holds a call's slot
-    until its answer is written, so a peer that does not read cannot make answers pile up)."""
-
-    def __init__(
-        self, send: Callable[[bytes], Awaitable[None]],
-        sent: Callable[[list[bytes]], None] | None = None,
-        try_send: Callable[[bytes], int] | None = None,
-    ) -> None:
-        self._send = send
-        self._sent = sent
-        self._try_send = try_send
-        self._queue: deque[bytes] = deque()
-        self._rest: tuple[bytes, list[bytes]] | None = None  # a message partly written
-        self._sending = False
-        self._wake = trio.Event()
-        self._finishing = False
-        self.closed = False
-        self.finished = trio.Event()
-
-    def put(self, frame: bytes) -> None:
-        if (self._try_send is not None and not self._queue and not self._sending
-                and self._rest is None and not self.closed):
-            data = pack([frame])
-            try:
-                written = self._try_send(data)
-            except OSError:  # BlockingIOError, or a broken connection: the writer finds out
-                written = 0
-            if written:
-                if written < len(data):
-                    self._rest = (data[written:], [frame])
-                    self._wake.set()
-                elif self._sent is not None:
-                    self._sent([frame])
-                return
-        self._queue.append(frame)
-        self._wake.set()
-
-    def close(self) -> None:
-        """Stop now; frames still queued are dropped."""
-        self.closed = True
-        self._wake.set()
-
-    def finish(self) -> None:
-        """Stop once every frame queued so far is sent."""
-        self._finishing = True
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Send until closed or finished; a failed send raises (the connection's owner closes
-        it)."""
-        queue = self._queue
-        try:
-            while not self.closed:
-                if self._rest is not None:
-                    await self._write(*self._rest)
-                    self._rest = None
-                while queue and not self.closed:
-                    frames = [queue.popleft()]
-                    size = len(frames[0])
-                    while (queue and size + len(queue[0]) <= BATCH_BYTES
-                           and len(frames) < MAX_FRAMES):
-                        size += len(queue[0])
-                        frames.append(queue.popleft())
-                    await self._write(pack(frames), frames)
-                if self._finishing:
-                    return
-                await self._wake.wait()
-                self._wake = trio.Event()
-        finally:
-            self.finished.set()
-
-    async def _write(self, data: bytes, frames: list[bytes]) -> None:
-        self._sending = True
-        try:
-            await self._send(data)
-        finally:
-            self._sending = False
-        if self._sent is not None:
-            self._sent(frames)
-
-
-def try_send(stream: trio.SocketStream) -> Callable[[bytes], int]:
-    """A send that never waits: the bytes the socket took now (``BlockingIOError`` when it
-    took none).  Trio has no such call; writing to the descriptor is the same system call."""
-    socket = stream.socket
-
-    def send(data: bytes) -> int:
-        return os.write(socket.fileno(), data)
-
-    return send
 
 
 def message(payload: object) -> bytes:

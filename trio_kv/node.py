@@ -89,7 +89,8 @@ def peer_clients(config: Config, factory: TransportFactory) -> dict[str, PeerCal
         if config.peer_transport == "channel" and factory is real_transport:
             made[lane] = ChannelClient(
                 concurrency, config.connect_timeout, config.client_keepalive_expiry,
-                config.cluster_secret, config.max_peer_message_bytes, fallback=http)
+                config.cluster_secret, config.max_peer_message_bytes, fallback=http,
+                linger=config.channel_send_linger)
         else:
             made[lane] = http
     return made
