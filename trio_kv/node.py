@@ -123,8 +123,7 @@ class Node:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
-        self._wake = trio.Event()
-        self._sleeping_until = math.inf
+        self._timer = trio.CancelScope()  # its deadline: the core's earliest timer
 
     # ================================================================ what others read
     @property
@@ -235,18 +234,17 @@ class Node:
                     waiter.reply = out.reply
                     waiter.done.set()
         wake = self.core.next_wake()
-        if wake is not None and wake < self._sleeping_until:
-            self._wake.set()
+        if wake is not None and wake < self._timer.deadline:
+            self._timer.deadline = wake  # no wake-up of the timer task for it
 
     async def _timers(self) -> None:
         """Tick the core when its earliest timer is due."""
         while True:
-            self._wake = trio.Event()
             at = self.core.next_wake()
-            self._sleeping_until = math.inf if at is None else at
-            with trio.move_on_at(self._sleeping_until):
-                await self._wake.wait()
-            self._sleeping_until = math.inf
+            self._timer = trio.CancelScope(deadline=math.inf if at is None else at)
+            with self._timer:
+                await trio.sleep_forever()
+            at = self.core.next_wake()
             if at is not None and trio.current_time() >= at:
                 self._step(self.core.tick, *self._now())
 
