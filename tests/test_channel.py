@@ -438,13 +438,68 @@ async def test_a_busy_node_sends_within_its_linger() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outbox.run)
         await trio.testing.wait_all_tasks_blocked()
-        outbox.put(b"frame")
         started = time.perf_counter()
+        outbox.put(b"frame")
         while not writes:
             await trio.sleep(0)  # busy: always runnable
         assert time.perf_counter() - started >= 0.01
         outbox.close()
     assert writes == [pack([b"frame"])]
+
+
+async def test_a_flush_that_fails_closes_that_connection_through_its_writer() -> None:
+    """A bug while flushing (not a socket error) is logged; the writer raises it to the
+    connection's owner, which closes the connection, and later frames still flush."""
+    def broken(data: bytes) -> int:
+        raise ValueError("a bug")
+
+    async def send(data: bytes) -> None:
+        raise AssertionError("nothing reaches the writer's send")
+
+    outbox = Outbox(send, None, broken, linger=60)
+    raised: list[BaseException] = []
+
+    async def writer() -> None:
+        try:
+            await outbox.run()
+        except trio.BrokenResourceError as exc:
+            raised.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.put(b"frame")
+        await trio.sleep(0.001)  # idle: the flush runs, fails, and the writer raises
+    assert outbox.closed and len(raised) == 1
+    written: list[bytes] = []
+    healthy = Outbox(send, None, lambda data: written.append(data) or len(data), linger=60)
+    healthy.put(b"later")
+    await trio.sleep(0.001)
+    assert written == [pack([b"later"])]  # the flush itself goes on
+
+
+async def test_a_call_already_out_of_time_sends_nothing_and_spares_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """A call whose timeout is over before it starts fails alone: nothing is sent, and calls
+    in flight on the same connection are answered."""
+    address, started, release, _ = await _slow_server(nursery)
+    client = _client()
+    client.start(nursery)
+    answers: list[int] = []
+
+    async def in_flight() -> None:
+        answers.append((await client.request(address, "GET", "/slow", timeout=10)).status)
+
+    nursery.start_soon(in_flight)
+    await started.wait()
+    with pytest.raises(PeerUnavailable):
+        await client.request(address, "GET", "/slow", timeout=0)
+    release.set()
+    with trio.fail_after(5):
+        while not answers:
+            await trio.sleep(0.01)
+    assert answers == [200] and len(client._links) == 1
 
 
 async def test_an_unhandled_error_is_a_500_answer_and_the_channel_goes_on(

@@ -106,7 +106,7 @@ class _Link:
         pending = self.pending[fid] = _Pending()
         self.used_at = trio.current_time()
         try:
-            self.outbox.put(encode_request(fid, method, path, headers, body))  # the writer sends
+            self.outbox.put(encode_request(fid, method, path, headers, body))
             await pending.done.wait()
         finally:
             self.pending.pop(fid, None)
@@ -263,6 +263,7 @@ class ChannelClient(PeerCaller):
             except trio.WouldBlock:
                 await self.limiter.acquire_on_behalf_of(borrower)
             try:
+                await trio.lowlevel.checkpoint_if_cancelled()  # out of time: send nothing
                 for attempt in (1, 2):
                     link = await self._link(address)
                     sent_at = trio.current_time()

@@ -202,7 +202,7 @@ class _Channel:
             since = self.waiting_since
             if since is None:
                 await trio.sleep(idle_timeout)
-            elif trio.current_time() - since >= idle_timeout:
+            elif trio.current_time() >= since + idle_timeout:  # the sleep's own deadline
                 self.reading.cancel()
                 return
             else:

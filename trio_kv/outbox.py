@@ -3,10 +3,12 @@
 A frame sent while this node still has tasks to run wakes the peer at once; on a shared core
 the peer then preempts us, and each side pays a context switch and a cold cache for one
 frame.  So frames wait until this node's event loop has nothing left to run (it is about to
-wait for I/O) and then go out, everything queued for a peer in one write, the way Redis
-writes its replies before it sleeps.  A lone call waits for nothing: its task blocks on the
-answer, the loop goes idle, the frame goes.  A node that stays busy still sends within its
-``linger`` (a bound, like Kafka's ``linger.ms``, on what batching may add to a call).
+wait for I/O) and then go out, everything queued for a peer together (one message of up to
+``BATCH_BYTES``, as many as that takes), the way Redis writes its replies before it sleeps.
+A lone call waits for nothing: its task blocks on the answer, the loop goes idle, the frame
+goes.  A node that stays busy still sends once a frame has waited its ``linger`` (like
+Kafka's ``linger.ms``; it bounds the wait for idleness, not a full socket or one long task
+step).
 
 The flush runs in the loop between task steps (a trio ``Instrument``'s ``before_io_wait``)
 and never waits: what the socket does not take, and anything that needs waiting for, is left
@@ -53,6 +55,7 @@ class Outbox:
         self._sending = False
         self._wake = trio.Event()
         self._finishing = False
+        self._error: Exception | None = None
         self.closed = False
         self.finished = trio.Event()
 
@@ -67,6 +70,11 @@ class Outbox:
         """Stop now; frames still queued are dropped."""
         self.closed = True
         self._wake.set()
+
+    def fail(self, error: Exception) -> None:
+        """Stop now: sending failed outside the writer; the writer raises it to its owner."""
+        self._error = error
+        self.close()
 
     def finish(self) -> None:
         """Stop once every frame queued so far is sent."""
@@ -121,6 +129,8 @@ class Outbox:
                     return
                 await self._wake.wait()
                 self._wake = trio.Event()
+            if self._error is not None:
+                raise trio.BrokenResourceError("sending failed") from self._error
         finally:
             self.finished.set()
 
@@ -147,9 +157,12 @@ def try_send(stream: trio.SocketStream) -> Callable[[bytes], int]:
 
 class _IdleFlush(trio.abc.Instrument):
     """Flushes held outboxes when the loop is about to wait for I/O with nothing to run
-    (``timeout`` > 0), or once the earliest held frame's linger is over.  Under a clock that
-    jumps when the loop is idle (``MockClock``'s autojump), idle looks busy: frames then wait
-    out their linger in real time, so tests of channels run on the real clock."""
+    (``timeout`` > 0), or once the earliest held frame's linger is over.  The loop's timeout
+    is also 0 when idle under ``MockClock``'s autojump or while a task is in
+    ``wait_all_tasks_blocked``: idle then looks busy, frames wait out their linger in real
+    time (an autojumping clock may meanwhile jump past a call's timeout), so tests of
+    channels run on the real clock.  (Telling idle from busy exactly needs
+    ``current_statistics()``, which walks every registered socket: too dear per loop pass.)"""
 
     def __init__(self) -> None:
         self._held: dict[Outbox, None] = {}
@@ -167,15 +180,18 @@ class _IdleFlush(trio.abc.Instrument):
             return  # nothing held, or tasks still to run and no frame due yet
         held, self._held, self._due = self._held, {}, math.inf
         woke = False
-        for outbox in held:
-            try:
-                woke = outbox.flush() or woke
-            except Exception:  # a bug here must not disable the flush (trio drops an
-                log.exception("flushing a channel failed")  # instrument that raises)
-                outbox.close()
-                woke = True
-        if woke and timeout > 0:
-            self._token.run_sync_soon(_nothing)  # a task is runnable: do not sleep
+        try:  # nothing may escape: trio drops an instrument that raises, and then every
+            for outbox in held:  # later frame would wait forever
+                try:
+                    woke = outbox.flush() or woke
+                except Exception as exc:  # a bug: that connection closes, the node goes on
+                    log.exception("flushing a channel failed")
+                    outbox.fail(exc)
+                    woke = True
+            if woke and timeout > 0:
+                self._token.run_sync_soon(_nothing)  # a task is runnable: do not sleep
+        except Exception:
+            log.exception("flushing channels failed")
 
 
 def _nothing() -> None:
