@@ -230,3 +230,37 @@ def test_a_node_answers_stable_only_for_its_own_keys_on_every_replica() -> None:
     answer, out = core.on_stable(query, 1.1, WALL)
     assert answer == {"stable": [True, False, False]}
     assert not calls(out)
+
+
+def test_a_pull_refused_by_a_member_that_pulled_from_us_meanwhile_is_retried_at_once() -> None:
+    """Fresh nodes given their first view moments apart: our pull reaches a member before it
+    has the view (refused), and that member's own pull reaches us before its refusal does.
+    Its pull says it has begun the change, so the refusal is retried at once, not after a
+    retry period."""
+    view = parse_view({"view": {"A": [
+        {"address": f"10.0.0.{i}:8081", "id": i} for i in (1, 2, 3)]}})
+    fresh = dumps({"view": None, "epoch": 0})
+
+    def learn(core: Core) -> list[Call]:
+        """Put the view; answer every peer's ``/view`` as a fresh node would; its pulls."""
+        out = core.put_view(1, view, 0.0, WALL)
+        pulls = []
+        while out:
+            pending, out = calls(out), []
+            for call in pending:
+                if call.path == "/view":
+                    out += core.call_done(call.cid, Answer(200, fresh), 0.0, WALL)
+                else:
+                    pulls.append(call)
+        return pulls
+
+    one = Core(Config(node_id=1), "1.x", random.Random(1))
+    to_three = [c for c in learn(one) if c.address.startswith("10.0.0.3:")]
+    assert [c.path for c in to_three] == ["/internal/pull"]  # in flight
+    three = Core(Config(node_id=3), "3.x", random.Random(3))
+    from_three = [c for c in learn(three) if c.address.startswith("10.0.0.1:")]
+    answer, _ = one.on_pull(loads(from_three[0].body), 0.001, WALL)  # it pulls from us
+    assert "entries" in answer
+    refused = dumps({"error": "pull refused: it comes from a node in no view we know"})
+    out = one.call_done(to_three[0].cid, Answer(400, refused), 0.002, WALL)
+    assert [(c.address, c.path) for c in calls(out)] == [("10.0.0.3:8081", "/internal/pull")]

@@ -41,7 +41,7 @@ HELP: dict[str, str] = {
     "count); the channel reads no more until one is answered.",
     "channel_send_linger": "Longest a peer frame waits for this node to have nothing else to "
     "run before it is sent anyway, in seconds (frames go out when the node goes idle, each "
-    "peer's in one write; 0 sends every frame at the end of the event loop's pass).",
+    "peer's together; 0 sends them at the end of every pass of the event loop).",
     "connect_timeout": "Longest wait to open a connection to a peer, in seconds.",
     "peer_timeout": "Longest one replication or handoff call may take, in seconds.",
     "forward_attempt_timeout": "Longest one forwarded request to one replica may take, in "

@@ -164,6 +164,7 @@ class PullTask(Task):
     on_stall: Callable[[PullTask], None] | None = None  # called once, at its first failure
     held: bool = False
     paused: bool = False  # held, and its member fenced: waits for ``release``
+    nudged: bool = False  # its member pulled from us while our page was in flight
 
     def begin(self, core: Core) -> None:
         assert self.pull is not None
@@ -213,12 +214,16 @@ class PullTask(Task):
             if isinstance(exc, _Retry) and exc.too_large:
                 self.max_bytes = max(1, self.max_bytes // 2)
             self.failures += 1
-            self.timer = core.k.after(core.backoff(self.failures), lambda: self._step(core))
+            nudged, self.nudged = self.nudged, False  # refused by a member that has since
+            if not nudged:  # begun the change: retried at once, below
+                self.timer = core.k.after(core.backoff(self.failures), lambda: self._step(core))
             if self.on_stall is not None:
                 stalled, self.on_stall = self.on_stall, None
                 stalled(self)
+            if nudged and not self.ended:
+                self._step(core)
             return
-        self.failures = 0
+        self.failures, self.nudged = 0, False
         core.replica.custody.answered(pull)
         core.replica.merge(page.entries)
         progress = core.changes.progress
@@ -244,10 +249,15 @@ class PullTask(Task):
 
     def nudge(self, core: Core) -> None:
         """Its member just pulled from us, so it has begun the change it refused our pull
-        for (a node still learning the previous view knows no view): retry now."""
-        if self.timer is not None and self.failures and not self.ended:
+        for (a node still learning the previous view knows no view): retry now, or, if
+        our page is still in flight, as soon as it is refused."""
+        if self.ended:
+            return
+        if self.timer is not None and self.failures:
             self.timer.cancel()
             self._step(core)
+        elif self.waiting:
+            self.nudged = True
 
 
 class _Retry(Exception):
