@@ -151,7 +151,8 @@ class _Link:
             pending.fail(why, status)  # else: the call timed out meanwhile
 
     async def write(self) -> None:
-        """The writer task: sends queued frames until the connection closes."""
+        """The writer task: sends what the idle flush left (a partly written message, or
+        frames queued while it sent) until the connection closes."""
         try:
             await self.outbox.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _NotSent, OSError) as exc:

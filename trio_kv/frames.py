@@ -3,9 +3,9 @@
 A channel opens with ``PREFACE`` and a hello message (the secret); the owner answers with a
 welcome message (``{"status": 200}``, or an error status and text, then closes).  After that
 each side sends messages: a 4-byte big-endian length, then the message.  A message is a
-sequence of frames, each prefixed by its 4-byte big-endian length: calls that
-queue while a message is being sent go out together in the next one, so under load one send
-and one receive (and one wake-up on each side) carry many calls.  A frame is a 4-byte
+sequence of frames, each prefixed by its 4-byte big-endian length: the calls queued for a
+peer go out together when the node goes idle (``outbox.py``), so under load one send and one
+receive (and one wake-up on each side) carry many calls.  A frame is a 4-byte
 big-endian head length, a JSON head, then the body as raw bytes (bodies are JSON already;
 wrapping them in JSON again would cost a second encode per call).  Request head:
 ``[id, method, path, [[name, value], ...]]``; answer head: ``[id, status, content_type]``.
