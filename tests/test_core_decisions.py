@@ -264,3 +264,66 @@ def test_a_pull_refused_by_a_member_that_pulled_from_us_meanwhile_is_retried_at_
     refused = dumps({"error": "pull refused: it comes from a node in no view we know"})
     out = one.call_done(to_three[0].cid, Answer(400, refused), 0.002, WALL)
     assert [(c.address, c.path) for c in calls(out)] == [("10.0.0.3:8081", "/internal/pull")]
+
+
+def test_each_node_forwards_to_its_own_preferred_replica_and_fails_over_from_it() -> None:
+    """Reads and writes from one node go to one replica of a shard (its frames share
+    wake-ups there, and a session finds its writes); other nodes prefer others."""
+    view = two_shards(a=[1, 4, 5, 6, 7], b=[2, 3])
+    key = key_on(view, "B")
+    chosen = {}
+    for node in (1, 4, 5, 6, 7):
+        core = serving(node, view)
+        targets = {c.address for rid in range(10) for c in calls(
+            core.request(rid, Request("GET" if rid % 2 else "PUT", key, {}, "v"), 1.0, WALL))}
+        assert len(targets) == 1, "one node sticks to one replica"
+        chosen[node] = targets.pop()
+    assert set(chosen.values()) == {"10.0.0.2:8081", "10.0.0.3:8081"}, "nodes spread"
+    core = serving(1, view)
+    (first,) = calls(core.request(50, Request("GET", key, {}), 1.0, WALL))
+    (second,) = calls(core.call_done(first.cid, Failed("refused", not_sent=True), 1.1, WALL))
+    assert second.address != first.address
+    (later,) = calls(core.request(51, Request("GET", key, {}), 1.2, WALL))
+    assert later.address == second.address, "a replica that failed is tried last for a while"
+
+
+def test_under_load_a_push_with_no_entries_waits_for_the_report_interval() -> None:
+    """Each push a replica merges gives it news to report (its version vector) but nothing to
+    ship back; those reports are paced, while its own writes still go at once."""
+    view = two_shards(a=[1, 2], b=[3])
+    one, two = serving(1, view), serving(2, view)
+    key = key_on(view, "A")
+    every = two.config.replication_report_interval
+
+    def pushes(out: list[Output]) -> list[Call]:
+        return [c for c in calls(out) if c.path == "/internal/sync"]
+
+    def deliver(sender: Core, receiver: Core, push: Call, now: float) -> list[Output]:
+        """Hand one push to ``receiver`` and its answer back; what the receiver decided."""
+        answer, out = receiver.on_sync(loads(push.body), now, WALL)
+        sender.call_done(push.cid, Answer(200, dumps(answer)), now, WALL)
+        return out + advance(receiver, now)
+
+    now = 10.0
+    # senders start afresh; the first exchange (a report each) goes at once
+    first = [(one, two, p) for p in pushes(one.resync(now, WALL))]
+    first += [(two, one, p) for p in pushes(two.resync(now, WALL))]
+    assert len(first) == 2
+    for sender, receiver, push in first:
+        assert not pushes(deliver(sender, receiver, push, now))
+    reports = 0
+    for i in range(5):  # writes on node 1, each pushed to node 2 after the linger
+        now += 0.03
+        out = one.request(100 + i, Request("PUT", key, {}, f"v{i}"), now, WALL)
+        (push,) = pushes(out + advance(one, now))
+        assert loads(push.body)["entries"]
+        for back in pushes(deliver(one, two, push, now)):
+            assert not loads(back.body)["entries"]
+            reports += 1
+            deliver(two, one, back, now)
+    assert reports == 1, f"one report per {every} s while pushes come every 30 ms"
+    now += every
+    assert pushes(advance(two, now)), "then it goes"
+    out = two.request(200, Request("PUT", key, {}, "mine"), now, WALL)
+    (push,) = pushes(out + advance(two, now + two.config.replication_linger))
+    assert loads(push.body)["entries"], "a write of its own is not held back"

@@ -9,6 +9,7 @@ the deadline, then answered 503 with ``"outcome": "unknown"``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -38,6 +39,12 @@ def key_path_segment(key: str) -> str:
     reserved character escaped, and the dot segments ``.`` and ``..`` spelled ``%2E``."""
     segment = quote(key, safe="")
     return segment.replace(".", "%2E") if set(key) == {"."} else segment
+
+
+def _preference(node: int, member: int) -> bytes:
+    """Rendezvous hashing: stable per pair, unrelated across nodes (a CRC would not do: it is
+    linear, so every node would rank the members alike)."""
+    return hashlib.blake2b(b"%d/%d" % (node, member), digest_size=8).digest()
 
 
 def outcome_unknown(body: bytes) -> bool:
@@ -115,11 +122,16 @@ class Forwarding:
         f.done(reply)
 
     def _order(self, members: list[Member]) -> list[Member]:
-        """Replicas to try, those that failed recently last, so a partitioned replica costs
-        a request its timeout only once per ``forward_retry_after``, not every time."""
+        """Replicas to try: those that failed recently last, so a partitioned replica costs
+        a request its timeout only once per ``forward_retry_after``, not every time; before
+        that, this node's own preference (a hash of both ids: each node prefers one replica
+        of a shard, different nodes different ones).  Sticking to one replica, rather than
+        spreading, is what lets frames to it share a wake-up and its caches stay warm (3x2
+        GET +10%, bench), and lets a session's reads find its own writes already there."""
         now, horizon = self.core.k.now, self.core.config.forward_retry_after
-        self.core.k.rng.shuffle(members)
-        members.sort(key=lambda m: now - self.failed.get(m.id, -math.inf) < horizon)
+        me = self.core.node_id
+        members.sort(key=lambda m: (now - self.failed.get(m.id, -math.inf) < horizon,
+                                    _preference(me, m.id)))
         return members
 
     def _next(self, f: Forward) -> None:
