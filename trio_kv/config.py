@@ -39,6 +39,7 @@ class Config:
     retry_interval: float = 0.2  # retry period towards an unreachable peer (was gossip_interval)
     heartbeat_interval: float = 5.0  # idle summary exchange; news is pushed at once anyway
     replication_linger: float = 0.015  # least time between pushes to one peer under load
+    replication_report_interval: float = 0.1  # least time between pushes that ship no entries
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20
     # peer calls
@@ -152,7 +153,7 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("auto", "json", "text")
 _NON_NEGATIVE = {
     "gc_gen0_threshold", "shutdown_grace", "replication_linger", "tombstone_grace",
-    "channel_send_linger",
+    "channel_send_linger", "replication_report_interval",
 }
 _DURABILITY = ("always", "batch", "none")
 _PEER_TRANSPORTS = ("channel", "http")

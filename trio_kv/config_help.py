@@ -32,6 +32,10 @@ HELP: dict[str, str] = {
     "gossip_interval, still accepted as --gossip-interval and KV_GOSSIP_INTERVAL).",
     "heartbeat_interval": "Period of the idle summary exchange between replicas, in seconds.",
     "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
+    "replication_report_interval": "Least time between two pushes to one peer that carry no "
+    "entries, only how far this node has seen each replica's writes (peers learn from it which "
+    "writes every replica holds, so tokens shrink), in seconds; a view change sends them at "
+    "once.",
     "batch_entries": "Most entries in one replication batch (a count).",
     "batch_bytes": "Most bytes of entries in one replication batch, in bytes.",
     "peer_transport": "How this node calls its peers: channel (one persistent connection per "

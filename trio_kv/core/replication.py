@@ -1,7 +1,10 @@
 """Replication scheduling: one sender per peer of our shard pushes our stream.
 
 At once on news, but under load pushes to one peer are at least ``replication_linger`` apart
-(writes batch themselves); one call in flight per peer; an idle peer gets a heartbeat every
+(writes batch themselves); a push with no entries (it only reports how far we have seen
+every stream: what the peer learns stability from) at most every ``replication_report_interval``
+while no view change is under way, since under load every push a peer receives would
+otherwise call for one back; one call in flight per peer; an idle peer gets a heartbeat every
 ``heartbeat_interval``; a failed push is retried after ``retry_interval`` (jittered); a batch a
 peer refuses as too large is halved, never resent unchanged.  Senders are replaced whenever a
 view is installed (claims follow the keyspace).
@@ -29,6 +32,7 @@ class Sender:
     peer: Member
     max_bytes: int  # halved while the peer refuses our batches as too large
     last_push: float = -math.inf
+    last_report: float = -math.inf  # the last push that carried no entries
     news: bool = False  # data changed since this sender last looked
     idle: bool = False
     cid: int | None = None
@@ -115,6 +119,14 @@ class Replication:
         if batch is None:
             s.stopped = True
             return
+        if not batch.entries:
+            settled = not core.changes.changing and core.changes.progress.state == "idle"
+            at = s.last_report + core.config.replication_report_interval
+            if settled and at > core.k.now:
+                s.idle = True  # news of our own (entries to ship) cuts the wait short
+                s.timer = core.k.at(at, lambda: self._push(s))
+                return
+            s.last_report = core.k.now
         s.cid = core.k.call(
             s.peer.address, "POST", "/internal/sync", dumps(batch.to_wire()),
             core.config.peer_timeout, lambda outcome: self._answered(s, batch, outcome),
