@@ -139,10 +139,15 @@ def run_cluster(args: argparse.Namespace) -> int:
     from chaos.cluster import Cluster
     from chaos.util import ChaosError
 
-    def on_term(_sig: int, _frame: object) -> None:
+    def on_signal(_sig: int, _frame: object) -> None:
+        # Once: a second signal (Ctrl-C pressed twice, or SIGTERM sent to both a wrapper
+        # and us) would abort the teardown half way and orphan the nodes.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     options = {"base_port": args.base_port} if args.backend == "local" else {}
     env = node_env(args)
     try:

@@ -5,9 +5,13 @@ This is what ``devenv.py`` runs by default, so it is tested everywhere, root or 
 
 from __future__ import annotations
 
+import os
 import random
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -86,3 +90,41 @@ def test_up_again_removes_leftovers(tmp_path: Path) -> None:
         assert all(second.backend.alive(n) for n in second.nodes)
     finally:
         second.down()
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: bytes) -> bytes:
+    """What ``proc`` printed up to ``marker`` (raw reads: select sees no line a buffer
+    holds); fails after 60 s or if it exits first."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    seen = b""
+    while marker not in seen:
+        left = max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
+        assert chunk, seen.decode()
+        seen += chunk
+    return seen
+
+
+def test_devenv_tears_its_cluster_down_when_signalled_twice() -> None:
+    """SIGTERM to a wrapper and to devenv (``timeout``, a supervisor) arrives twice: the
+    second one used to abort the teardown and leave the nodes running."""
+    prefix = f"d{os.getpid() % 100_000}"  # at most 6 characters
+    proc = subprocess.Popen(
+        [sys.executable, "devenv.py", "--no-install", "--memory", "-n", "2",
+         "--base-port", str(free_base_port(2)), "--prefix", prefix],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        seen = read_until(proc, b"Ctrl-C stops")
+        state = State.from_json((REPO / ".chaos" / prefix / "state.json").read_text())
+        proc.send_signal(signal.SIGTERM)
+        seen += read_until(proc, b"stopping the cluster")
+        proc.send_signal(signal.SIGTERM)  # while it tears down
+        out, _ = proc.communicate(timeout=60)
+        assert b"everything removed" in out, seen + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not any(n.pid and process_has_marker(n.pid, f"{prefix}:n{n.id}") for n in state.nodes)
