@@ -323,7 +323,41 @@ def test_under_load_a_push_with_no_entries_waits_for_the_report_interval() -> No
             deliver(two, one, back, now)
     assert reports == 1, f"one report per {every} s while pushes come every 30 ms"
     now += every
-    assert pushes(advance(two, now)), "then it goes"
+    (report,) = pushes(advance(two, now))  # then it goes
     out = two.request(200, Request("PUT", key, {}, "mine"), now, WALL)
+    assert not pushes(out + advance(two, now + 1.0)), "one push in flight per peer"
+    answer, _ = one.on_sync(loads(report.body), now, WALL)
+    out = two.call_done(report.cid, Answer(200, dumps(answer)), now, WALL)
     (push,) = pushes(out + advance(two, now + two.config.replication_linger))
     assert loads(push.body)["entries"], "a write of its own is not held back"
+
+
+def test_while_a_report_waits_merged_writes_leave_its_timer_alone() -> None:
+    """A replica that only merges its peer's pushes has nothing to ship back: each push it
+    merges leaves its report timer alone rather than arming a push of its own (a wake-up
+    that would find nothing to send)."""
+    view = two_shards(a=[1, 2], b=[3])
+    one = serving(1, view)
+    two = serving(2, view, replication_linger=0.08, replication_report_interval=0.13)
+    key = key_on(view, "A")
+
+    def exchange(sender: Core, receiver: Core, out: list[Output], now: float) -> int:
+        """Deliver ``sender``'s pushes and the answers; how many there were."""
+        pushes = [c for c in calls(out) if c.path == "/internal/sync"]
+        for push in pushes:
+            answer, _ = receiver.on_sync(loads(push.body), now, WALL)
+            sender.call_done(push.cid, Answer(200, dumps(answer)), now, WALL)
+        return len(pushes)
+
+    assert exchange(one, two, one.resync(10.0, WALL), 10.0) == 1  # a report each
+    assert exchange(two, one, two.resync(10.0, WALL), 10.0) == 1
+    for rid, at in enumerate((10.02, 10.05)):  # news; its report waits (due at 10.13)
+        out = one.request(rid, Request("PUT", key, {}, "a"), at, WALL) + advance(one, at)
+        assert exchange(one, two, out, at) == 1
+        assert not calls(advance(two, at))
+    assert not calls(advance(two, 10.09)), "nothing to ship back"
+    due = two.next_wake()
+    assert due is not None and abs(due - 10.13) < 1e-9
+    out = one.request(9, Request("PUT", key, {}, "b"), 10.1, WALL) + advance(one, 10.1)
+    assert exchange(one, two, out, 10.1) == 1
+    assert two.next_wake() == due

@@ -224,6 +224,15 @@ class Replica:
     def has_news_for(self, peer_id: int) -> bool:
         return self.store.head > self.claims.get(peer_id, 0)
 
+    def to_ship(self, peer_id: int, after: int) -> bool:
+        """Whether our stream after position ``after`` holds an entry ``batch_for`` would send
+        ``peer_id`` (not the peer's own, and ours to ship)."""
+        origin = self.peer_origin.get(peer_id)
+        skip = f"{self.generation}/{origin}" if origin is not None else None
+        return any(
+            entry.source != skip and self.owns(key) for _seq, key, entry in self.store.since(after)
+        )
+
     def batch_for(self, peer_id: int, max_bytes: int = 0) -> SyncBatch | None:
         """Our stream after what ``peer_id`` has confirmed, bounded in entries and encoded
         bytes (``max_bytes``, when a peer refused a larger batch); None without a view."""

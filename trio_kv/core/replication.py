@@ -33,6 +33,8 @@ class Sender:
     max_bytes: int  # halved while the peer refuses our batches as too large
     last_push: float = -math.inf
     last_report: float = -math.inf  # the last push that carried no entries
+    reporting: bool = False  # waiting to send a report: news with nothing to ship waits too
+    checked: int = 0  # stream position up to which there was nothing to ship
     news: bool = False  # data changed since this sender last looked
     idle: bool = False
     cid: int | None = None
@@ -81,8 +83,14 @@ class Replication:
             s.timer.cancel()
 
     def on_news(self) -> None:
+        replica = self.core.replica
         for s in self.senders.values():
             s.news = True
+            if s.reporting and self._settled():
+                after = max(s.checked, replica.claims.get(s.peer.id, 0))
+                if not replica.to_ship(s.peer.id, after):
+                    s.checked = replica.store.head
+                    continue  # nothing to ship yet, only more to report: the timer stands
             if s.idle:
                 s.idle = False
                 if s.timer is not None:
@@ -92,12 +100,21 @@ class Replication:
     def _top(self, s: Sender) -> None:
         """Push again: after the linger, counting as news only changes made from now on."""
         k = self.core.k
-        s.news, s.idle, s.timer = False, False, None
+        s.news, s.idle, s.timer, s.reporting = False, False, None, False
         at = s.last_push + self.core.config.replication_linger
         if at > k.now:
             s.timer = k.at(at, lambda: self._push(s))
         else:
             self._push(s)
+
+    def _report(self, s: Sender) -> None:
+        s.idle = s.reporting = False
+        self._push(s)
+
+    def _settled(self) -> bool:
+        """No view change under way (one waits on what peers report)."""
+        changes = self.core.changes
+        return not changes.changing and changes.progress.state == "idle"
 
     def _wait(self, s: Sender, delay: float, idle: bool = False) -> None:
         s.idle = idle
@@ -120,11 +137,11 @@ class Replication:
             s.stopped = True
             return
         if not batch.entries:
-            settled = not core.changes.changing and core.changes.progress.state == "idle"
             at = s.last_report + core.config.replication_report_interval
-            if settled and at > core.k.now:
-                s.idle = True  # news of our own (entries to ship) cuts the wait short
-                s.timer = core.k.at(at, lambda: self._push(s))
+            if at > core.k.now and self._settled():
+                s.idle = s.reporting = True  # entries to ship cut the wait short
+                s.checked = batch.upto
+                s.timer = core.k.at(at, lambda: self._report(s))
                 return
             s.last_report = core.k.now
         s.cid = core.k.call(
