@@ -355,9 +355,35 @@ def test_while_a_report_waits_merged_writes_leave_its_timer_alone() -> None:
         out = one.request(rid, Request("PUT", key, {}, "a"), at, WALL) + advance(one, at)
         assert exchange(one, two, out, at) == 1
         assert not calls(advance(two, at))
-    assert not calls(advance(two, 10.09)), "nothing to ship back"
+    assert not calls(two.tick(10.09, WALL)), "its linger is over: nothing to ship back"
     due = two.next_wake()
     assert due is not None and abs(due - 10.13) < 1e-9
     out = one.request(9, Request("PUT", key, {}, "b"), 10.1, WALL) + advance(one, 10.1)
     assert exchange(one, two, out, 10.1) == 1
     assert two.next_wake() == due
+
+
+def test_under_load_a_push_goes_with_the_first_input_after_its_linger() -> None:
+    """The linger is slack: a node kept awake by requests pushes when the next one comes;
+    only a quiet node wakes for the push, a linger later."""
+    view = two_shards(a=[1, 2], b=[3])
+    one = serving(1, view)
+    key, linger = key_on(view, "A"), one.config.replication_linger
+    ok = dumps({"origin": "2.x", "view_id": view.view_id, "seen": 0, "accepted": True,
+                "epoch": 0})
+
+    def pushed(out: list[Output]) -> list[Call]:
+        return [c for c in calls(out) if c.path == "/internal/sync"]
+
+    advance(one, 10.0)
+    (push,) = pushed(one.resync(10.0, WALL))
+    one.call_done(push.cid, Answer(200, ok), 10.0, WALL)
+    assert not pushed(one.request(1, Request("PUT", key, {}, "a"), 10.001, WALL))
+    assert not pushed(advance(one, 10.0 + 2 * linger - 0.001))
+    (push,) = pushed(advance(one, 10.0 + 2 * linger + 1e-9))  # a quiet node wakes for it
+    last = one.k.now
+    one.call_done(push.cid, Answer(200, ok), last + 0.001, WALL)
+    assert not pushed(one.request(2, Request("PUT", key, {}, "b"), last + 0.002, WALL))
+    assert not pushed(one.request(3, Request("GET", key, {}), last + linger / 2, WALL))
+    (push,) = pushed(one.request(4, Request("GET", key, {}), last + linger, WALL))
+    assert loads(push.body)["entries"]

@@ -31,7 +31,8 @@ HELP: dict[str, str] = {
     "retry_interval": "Retry period towards an unreachable peer, in seconds (formerly "
     "gossip_interval, still accepted as --gossip-interval and KV_GOSSIP_INTERVAL).",
     "heartbeat_interval": "Period of the idle summary exchange between replicas, in seconds.",
-    "replication_linger": "Least time between two pushes to one peer under load, in seconds.",
+    "replication_linger": "Least time between two pushes to one peer under load, in seconds; "
+    "the push then goes with the node's next input, or this long again at the latest.",
     "replication_report_interval": "Least time between two pushes to one peer that carry no "
     "entries, only how far this node has seen each replica's writes (peers learn from it which "
     "writes every replica holds, so tokens shrink), in seconds; a view change sends them at "

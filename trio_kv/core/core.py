@@ -154,6 +154,7 @@ class Core:
 
     def _ready(self) -> list[Output]:
         """Wake what waits on changes made by this input, then hand out the decisions."""
+        self.k.fire_ripe()
         while self._changed or self._stabler:
             changed, self._changed, self._stabler = self._changed, False, False
             if changed:

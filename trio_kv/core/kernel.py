@@ -20,7 +20,7 @@ OnDone = Callable[[Outcome], None]
 
 @dataclass(eq=False)
 class Timer:
-    at: float
+    at: float  # the node wakes for it then at the latest
     fn: Callable[[], None]
     cancelled: bool = False
 
@@ -35,6 +35,7 @@ class Kernel:
     wall_ms: int = 0
     out: list[Output] = field(default_factory=list)
     _timers: list[tuple[float, int, Timer]] = field(default_factory=list)
+    _ripening: list[tuple[float, int, Timer]] = field(default_factory=list)  # by when slack starts
     _seq: int = 0
     _calls: dict[int, OnDone] = field(default_factory=dict)
     _cid: int = 0
@@ -57,13 +58,19 @@ class Kernel:
         return out
 
     # ------------------------------------------------------------ timers
-    def at(self, when: float, fn: Callable[[], None]) -> Timer:
-        timer = Timer(when, fn)
+    def at(self, when: float, fn: Callable[[], None], slack: float = 0.0) -> Timer:
+        """Run ``fn`` at ``when``; with ``slack``, at the first input from ``when`` on (the
+        node is awake anyway), waking the node for it only at ``when + slack``.  Under load
+        inputs come often, so such a timer costs no wake-up of its own."""
+        latest = when + max(0.0, slack)
+        timer = Timer(latest, fn)
         earliest = self.next_wake()
         self._seq += 1
-        heapq.heappush(self._timers, (when, self._seq, timer))
-        if earliest is None or when < earliest:
-            self.emit(Wake(when))
+        heapq.heappush(self._timers, (latest, self._seq, timer))
+        if latest > when:
+            heapq.heappush(self._ripening, (when, self._seq, timer))
+        if earliest is None or latest < earliest:
+            self.emit(Wake(latest))
         return timer
 
     def after(self, delay: float, fn: Callable[[], None]) -> Timer:
@@ -78,12 +85,22 @@ class Kernel:
         """Run every timer due by ``now`` (including ones armed by those that run)."""
         while self._timers and self._timers[0][0] <= self.now:
             _at, _seq, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                timer.cancelled = True
-                try:
-                    timer.fn()
-                except Exception:
-                    self.failed("a timer")
+            self._fire(timer)
+        self.fire_ripe()
+
+    def fire_ripe(self) -> None:
+        """Run every timer whose slack has begun (the node is awake for another input)."""
+        while self._ripening and self._ripening[0][0] <= self.now:
+            _at, _seq, timer = heapq.heappop(self._ripening)
+            self._fire(timer)
+
+    def _fire(self, timer: Timer) -> None:
+        if not timer.cancelled:
+            timer.cancelled = True
+            try:
+                timer.fn()
+            except Exception:
+                self.failed("a timer")
 
     # ------------------------------------------------------------ calls
     def call(

@@ -1,13 +1,14 @@
 """Replication scheduling: one sender per peer of our shard pushes our stream.
 
 At once on news, but under load pushes to one peer are at least ``replication_linger`` apart
-(writes batch themselves); a push with no entries (it only reports how far we have seen
-every stream: what the peer learns stability from) at most every ``replication_report_interval``
-while no view change is under way, since under load every push a peer receives would
-otherwise call for one back; one call in flight per peer; an idle peer gets a heartbeat every
-``heartbeat_interval``; a failed push is retried after ``retry_interval`` (jittered); a batch a
-peer refuses as too large is halved, never resent unchanged.  Senders are replaced whenever a
-view is installed (claims follow the keyspace).
+(writes batch themselves) and go with the node's first input after that, the node waking for
+one only a linger later (a wake-up costs more than the push); a push with no entries (it
+only reports how far we have seen every stream: what the peer learns stability from) at most
+every ``replication_report_interval`` while no view change is under way, since under load
+every push a peer receives would otherwise call for one back; one call in flight per peer;
+an idle peer gets a heartbeat every ``heartbeat_interval``; a failed push is retried after
+``retry_interval`` (jittered); a batch a peer refuses as too large is halved, never resent
+unchanged.  Senders are replaced whenever a view is installed (claims follow the keyspace).
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ class Replication:
         """Push again: after the linger, counting as news only changes made from now on."""
         k = self.core.k
         s.news, s.idle, s.timer, s.reporting = False, False, None, False
-        at = s.last_push + self.core.config.replication_linger
-        if at > k.now:
-            s.timer = k.at(at, lambda: self._push(s))
+        linger = self.core.config.replication_linger
+        at = s.last_push + linger
+        if at > k.now:  # pushed from the first input after the linger, or a linger later
+            s.timer = k.at(at, lambda: self._push(s), slack=linger)
         else:
             self._push(s)
 
