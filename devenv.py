@@ -139,11 +139,17 @@ def run_cluster(args: argparse.Namespace) -> int:
     from chaos.cluster import Cluster
     from chaos.util import ChaosError
 
+    stopping = False
+
     def on_signal(_sig: int, _frame: object) -> None:
         # Once: a second signal (Ctrl-C pressed twice, or SIGTERM sent to both a wrapper
         # and us) would abort the teardown half way and orphan the nodes.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        nonlocal stopping
+        if stopping:
+            print(f"devenv: still stopping the cluster (kill -9 {os.getpid()} abandons it)",
+                  file=sys.stderr, flush=True)
+            return
+        stopping = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -192,7 +192,7 @@ def test_cross_shard_deps_are_asked_of_the_owner_failed_over_and_dropped_on_its_
     out = core.request(7, Request("PUT", mine, {theirs: dep, other: dep2}, "v"), 1.0, WALL)
     assert replies(out)[7].status == 200
     assert set(core.replica.store.get(mine).deps) == {theirs, other}  # type: ignore[union-attr]
-    (first,) = stable_queries(advance(core, 1.2))
+    (first,) = stable_queries(out + advance(core, 1.2))
     assert first.lane == "peer"
     asked = loads(first.body or b"")
     assert asked["from"] == 1 and sorted(k for k, *_ in asked["deps"]) == sorted([theirs, other])
@@ -356,11 +356,15 @@ def test_while_a_report_waits_merged_writes_leave_its_timer_alone() -> None:
         assert exchange(one, two, out, at) == 1
         assert not calls(advance(two, at))
     assert not calls(two.tick(10.09, WALL)), "its linger is over: nothing to ship back"
-    due = two.next_wake()
-    assert due is not None and abs(due - 10.13) < 1e-9
+    report = two.replication.senders[1].timer
+    assert report is not None and abs(report.at - 10.13) < 1e-9
     out = one.request(9, Request("PUT", key, {}, "b"), 10.1, WALL) + advance(one, 10.1)
     assert exchange(one, two, out, 10.1) == 1
-    assert two.next_wake() == due
+    assert two.replication.senders[1].timer is report and not report.cancelled
+    # a write of its own is something to ship: it goes at once, not when the report is due
+    pushes = [c for c in calls(two.request(10, Request("PUT", key, {}, "c"), 10.11, WALL))
+              if c.path == "/internal/sync"]
+    assert [e[1] for p in pushes for e in loads(p.body)["entries"]] == ["c"]
 
 
 def test_under_load_a_push_goes_with_the_first_input_after_its_linger() -> None:

@@ -39,7 +39,7 @@ class Config:
     retry_interval: float = 0.2  # retry period towards an unreachable peer (was gossip_interval)
     heartbeat_interval: float = 5.0  # idle summary exchange; news is pushed at once anyway
     replication_linger: float = 0.015  # least time between pushes to one peer under load
-    replication_report_interval: float = 0.1  # least time between pushes that ship no entries
+    replication_report_interval: float = 0.1  # an empty push waits this long after the last
     batch_entries: int = 2000
     batch_bytes: int = 4 << 20
     # peer calls

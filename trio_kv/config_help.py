@@ -33,10 +33,9 @@ HELP: dict[str, str] = {
     "heartbeat_interval": "Period of the idle summary exchange between replicas, in seconds.",
     "replication_linger": "Least time between two pushes to one peer under load, in seconds; "
     "the push then goes with the node's next input, or this long again at the latest.",
-    "replication_report_interval": "Least time between two pushes to one peer that carry no "
-    "entries, only how far this node has seen each replica's writes (peers learn from it which "
-    "writes every replica holds, so tokens shrink), in seconds; a view change sends them at "
-    "once.",
+    "replication_report_interval": "Least time between a push to one peer and a push that "
+    "carries no entries, only how far this node has seen each replica's writes (peers learn "
+    "from it which writes every replica holds, so tokens shrink), in seconds.",
     "batch_entries": "Most entries in one replication batch (a count).",
     "batch_bytes": "Most bytes of entries in one replication batch, in bytes.",
     "peer_transport": "How this node calls its peers: channel (one persistent connection per "

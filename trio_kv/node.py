@@ -234,8 +234,9 @@ class Node:
                     waiter.reply = out.reply
                     waiter.done.set()
         wake = self.core.next_wake()
-        if wake is not None and wake < self._timer.deadline:
-            self._timer.deadline = wake  # no wake-up of the timer task for it
+        deadline = math.inf if wake is None else wake
+        if deadline != self._timer.deadline:  # earlier, or later: a slack timer fired early
+            self._timer.deadline = deadline  # no wake-up of the timer task for it
 
     async def _timers(self) -> None:
         """Tick the core when its earliest timer is due."""
@@ -249,7 +250,11 @@ class Node:
                 self._step(self.core.tick, *self._now())
 
     def _step(self, fn: Callable[..., list[Output]], *args: Any) -> None:
-        """One input to the core; a bug there is logged and counted, and the node goes on."""
+        """One input to the core; a bug there is logged and counted, and the node goes on.
+        A stopped node takes none (an input may fire timers whose decisions it cannot carry
+        out)."""
+        if self._stopped:
+            return
         try:
             outputs = fn(*args)
         except Exception:

@@ -16,7 +16,7 @@ Causality (per key, pruned once stable):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .clock import HybridClock, Version
@@ -224,14 +224,17 @@ class Replica:
     def has_news_for(self, peer_id: int) -> bool:
         return self.store.head > self.claims.get(peer_id, 0)
 
-    def to_ship(self, peer_id: int, after: int) -> bool:
-        """Whether our stream after position ``after`` holds an entry ``batch_for`` would send
-        ``peer_id`` (not the peer's own, and ours to ship)."""
+    def _ships(self, peer_id: int) -> Callable[[str, Entry], bool]:
+        """Whether ``batch_for`` sends ``peer_id`` an entry: not one the peer sent us, and
+        of our shard."""
         origin = self.peer_origin.get(peer_id)
         skip = f"{self.generation}/{origin}" if origin is not None else None
-        return any(
-            entry.source != skip and self.owns(key) for _seq, key, entry in self.store.since(after)
-        )
+        return lambda key, entry: entry.source != skip and self.owns(key)
+
+    def to_ship(self, peer_id: int, after: int) -> bool:
+        """Whether our stream after position ``after`` holds an entry to send ``peer_id``."""
+        ships = self._ships(peer_id)
+        return any(ships(key, entry) for _seq, key, entry in self.store.since(after))
 
     def batch_for(self, peer_id: int, max_bytes: int = 0) -> SyncBatch | None:
         """Our stream after what ``peer_id`` has confirmed, bounded in entries and encoded
@@ -240,14 +243,13 @@ class Replica:
             return None
         limit = min(max_bytes or self.limits.batch_bytes, self.limits.batch_bytes)
         after = self.claims.get(peer_id, 0)
-        origin = self.peer_origin.get(peer_id)
-        skip = f"{self.generation}/{origin}" if origin is not None else None
+        ships = self._ships(peer_id)
         entries: list[tuple[str, Entry]] = []
         positions: list[int] = []
         size = 0
         upto = after
         for seq, key, entry in self.store.since(after):
-            if entry.source == skip or not self.owns(key):
+            if not ships(key, entry):
                 upto = seq
                 continue  # the peer sent it to us, or it is not this shard's: nothing to ship
             wire = entry.wire_size(key)

@@ -20,7 +20,7 @@ import pytest
 from chaos.client import KVClient
 from chaos.cluster import Cluster, State
 from chaos.local import port_free
-from chaos.util import Unsupported, process_has_marker
+from chaos.util import Unsupported, kill_marked, process_has_marker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,6 +116,7 @@ def test_devenv_tears_its_cluster_down_when_signalled_twice() -> None:
          "--base-port", str(free_base_port(2)), "--prefix", prefix],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    state = None
     try:
         seen = read_until(proc, b"Ctrl-C stops")
         state = State.from_json((REPO / ".chaos" / prefix / "state.json").read_text())
@@ -124,7 +125,11 @@ def test_devenv_tears_its_cluster_down_when_signalled_twice() -> None:
         proc.send_signal(signal.SIGTERM)  # while it tears down
         out, _ = proc.communicate(timeout=60)
         assert b"everything removed" in out, seen + out
+        left = [n.id for n in state.nodes
+                if n.pid and process_has_marker(n.pid, f"{prefix}:n{n.id}")]
+        assert not left, f"nodes {left} still run"
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not any(n.pid and process_has_marker(n.pid, f"{prefix}:n{n.id}") for n in state.nodes)
+        for n in state.nodes if state else ():  # a failed run leaves nothing behind
+            kill_marked(n.pid, f"{prefix}:n{n.id}")

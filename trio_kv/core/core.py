@@ -109,8 +109,8 @@ class Core:
         return self._ready()
 
     def tick(self, now: float, wall_ms: int) -> list[Output]:
+        """Time passed: run the timers due (as every input does)."""
         self._at(now, wall_ms)
-        self.k.fire_due()
         return self._ready()
 
     def recovered(self, now: float, wall_ms: int) -> list[Output]:
@@ -154,7 +154,7 @@ class Core:
 
     def _ready(self) -> list[Output]:
         """Wake what waits on changes made by this input, then hand out the decisions."""
-        self.k.fire_ripe()
+        self.k.fire_due()
         while self._changed or self._stabler:
             changed, self._changed, self._stabler = self._changed, False, False
             if changed:

@@ -20,7 +20,7 @@ OnDone = Callable[[Outcome], None]
 
 @dataclass(eq=False)
 class Timer:
-    at: float  # the node wakes for it then at the latest
+    at: float  # when it fires at the latest (the node wakes for it); earlier with slack
     fn: Callable[[], None]
     cancelled: bool = False
 
@@ -82,25 +82,21 @@ class Kernel:
         return self._timers[0][0] if self._timers else None
 
     def fire_due(self) -> None:
-        """Run every timer due by ``now`` (including ones armed by those that run)."""
-        while self._timers and self._timers[0][0] <= self.now:
-            _at, _seq, timer = heapq.heappop(self._timers)
-            self._fire(timer)
-        self.fire_ripe()
-
-    def fire_ripe(self) -> None:
-        """Run every timer whose slack has begun (the node is awake for another input)."""
-        while self._ripening and self._ripening[0][0] <= self.now:
-            _at, _seq, timer = heapq.heappop(self._ripening)
-            self._fire(timer)
-
-    def _fire(self, timer: Timer) -> None:
-        if not timer.cancelled:
-            timer.cancelled = True
-            try:
-                timer.fn()
-            except Exception:
-                self.failed("a timer")
+        """Run every timer due by ``now``, or whose slack has begun (including ones armed
+        by those that run).  Every input calls this: the shell's tick is just one more."""
+        while True:
+            if self._timers and self._timers[0][0] <= self.now:
+                _at, _seq, timer = heapq.heappop(self._timers)
+            elif self._ripening and self._ripening[0][0] <= self.now:
+                _at, _seq, timer = heapq.heappop(self._ripening)
+            else:
+                return
+            if not timer.cancelled:
+                timer.cancelled = True
+                try:
+                    timer.fn()
+                except Exception:
+                    self.failed("a timer")
 
     # ------------------------------------------------------------ calls
     def call(

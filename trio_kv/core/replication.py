@@ -32,10 +32,9 @@ if TYPE_CHECKING:
 class Sender:
     peer: Member
     max_bytes: int  # halved while the peer refuses our batches as too large
-    last_push: float = -math.inf
-    last_report: float = -math.inf  # the last push that carried no entries
+    last_push: float = -math.inf  # when the last call went
     reporting: bool = False  # waiting to send a report: news with nothing to ship waits too
-    checked: int = 0  # stream position up to which there was nothing to ship
+    checked: tuple[int, int] = (0, 0)  # (the peer's claim, our position): nothing to ship
     news: bool = False  # data changed since this sender last looked
     idle: bool = False
     cid: int | None = None
@@ -87,10 +86,11 @@ class Replication:
         replica = self.core.replica
         for s in self.senders.values():
             s.news = True
-            if s.reporting and self._settled():
-                after = max(s.checked, replica.claims.get(s.peer.id, 0))
+            if s.reporting:
+                claim = replica.claims.get(s.peer.id, 0)
+                after = s.checked[1] if s.checked[0] == claim else claim
                 if not replica.to_ship(s.peer.id, after):
-                    s.checked = replica.store.head
+                    s.checked = (claim, replica.store.head)
                     continue  # nothing to ship yet, only more to report: the timer stands
             if s.idle:
                 s.idle = False
@@ -113,11 +113,6 @@ class Replication:
         s.idle = s.reporting = False
         self._push(s)
 
-    def _settled(self) -> bool:
-        """No view change under way (one waits on what peers report)."""
-        changes = self.core.changes
-        return not changes.changing and changes.progress.state == "idle"
-
     def _wait(self, s: Sender, delay: float, idle: bool = False) -> None:
         s.idle = idle
         s.timer = self.core.k.after(delay, lambda: self._top(s))
@@ -127,8 +122,7 @@ class Replication:
         foresee) is counted and logged, and the sender starts over after a backoff, while
         the node keeps serving."""
         core = self.core
-        s.timer = None
-        s.last_push = core.k.now
+        s.timer, s.news = None, False  # the batch covers every change so far
         try:
             batch = core.replica.batch_for(s.peer.id, s.max_bytes)
         except Exception:
@@ -139,13 +133,13 @@ class Replication:
             s.stopped = True
             return
         if not batch.entries:
-            at = s.last_report + core.config.replication_report_interval
-            if at > core.k.now and self._settled():
+            at = s.last_push + core.config.replication_report_interval
+            if at > core.k.now:  # every push reports: one within the interval did
                 s.idle = s.reporting = True  # entries to ship cut the wait short
-                s.checked = batch.upto
+                s.checked = (core.replica.claims.get(s.peer.id, 0), batch.upto)
                 s.timer = core.k.at(at, lambda: self._report(s))
                 return
-            s.last_report = core.k.now
+        s.last_push = core.k.now
         s.cid = core.k.call(
             s.peer.address, "POST", "/internal/sync", dumps(batch.to_wire()),
             core.config.peer_timeout, lambda outcome: self._answered(s, batch, outcome),
