@@ -300,6 +300,7 @@ class HandoffTask(Task):
     batches: Iterator[Entries] | None = None
     entries: Entries = field(default_factory=list)
     receivers: dict[int, Receiver] = field(default_factory=dict)
+    pulled: set[int] = field(default_factory=set)  # members served the last page of a pull
 
     def begin(self, core: Core, keys: list[str]) -> None:
         self.batches = transfer.handoff_batches(core.replica, keys)
@@ -353,11 +354,18 @@ class HandoffTask(Task):
         if send:
             r.queue.append(send)
             self._send(core, r)
-        if r.later:
+        if r.later and r.member.id in self.pulled:
+            self.wake(core, r.member.id)  # its last page went before this answer came
+        elif r.later:
             cfg = core.config
             r.fallback = core.k.after(min(cfg.handoff_later_wait, cfg.view_change_deadline / 4),
                                    lambda: self.wake(core, r.member.id))
         self._maybe_next(core)
+
+    def pulled_all(self, core: Core, member: int) -> None:
+        """We served ``member`` the last page of a pull: it holds what we served."""
+        self.pulled.add(member)
+        self.wake(core, member)
 
     def wake(self, core: Core, member: int) -> None:
         """We served ``member`` the last page of a pull (or waited long enough): offer what
@@ -369,10 +377,6 @@ class HandoffTask(Task):
             r.fallback.cancel()
         entries, r.later = r.later, []
         self._offer(core, r, entries, patient=False)
-
-    def waits_for(self, member: int) -> bool:
-        r = self.receivers.get(member)
-        return r is not None and bool(r.later)
 
     def _send(self, core: Core, r: Receiver) -> None:
         r.retry = None

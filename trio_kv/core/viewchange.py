@@ -366,8 +366,8 @@ class ViewChanges:
         for task in list(phase.tasks) if phase is not None else []:
             if isinstance(task, PullTask) and task.pull and task.pull.member.id == member:
                 task.nudge(self.core)
-            elif last and isinstance(task, HandoffTask) and task.waits_for(member):
-                task.wake(self.core, member)
+            elif last and isinstance(task, HandoffTask):
+                task.pulled_all(self.core, member)
 
     def on_handoff(self, raw: Any) -> dict[str, Any]:
         core = self.core
