@@ -391,3 +391,65 @@ def test_under_load_a_push_goes_with_the_first_input_after_its_linger() -> None:
     assert not pushed(one.request(3, Request("GET", key, {}), last + linger / 2, WALL))
     (push,) = pushed(one.request(4, Request("GET", key, {}), last + linger, WALL))
     assert loads(push.body)["entries"]
+
+
+def test_a_handoff_answered_later_by_a_member_already_done_pulling_is_offered_again_at_once(
+) -> None:
+    """The resharding bench's 3 s outlier: a new owner pulled its last page from us before
+    our offer's answer ("later: I will pull those") came back.  The wake-up its last page
+    gives had nothing to wake yet, so the offer waited out ``handoff_later_wait``.  Now the
+    answer itself finds the member done and offers again at once."""
+    old = parse_view({"view": {"A": [{"address": "10.0.0.1:8081", "id": 1}]}})
+    new = two_shards(a=[1], b=[2])
+    one = serving(1, old)
+    moved = [k for k in (f"k{i}" for i in range(40)) if new.shard_for(k) == "B"]
+    for i, key in enumerate(moved):
+        one.request(100 + i, Request("PUT", key, {}, "v"), 1.0, WALL)
+    two = Core(Config(node_id=2), "2.x", random.Random(2))
+    cores = {"10.0.0.1:8081": one, "10.0.0.2:8081": two}
+    held: list[tuple[Core, Call, dict[str, Any]]] = []  # offer answers held back
+    pulls: list[Call] = []  # the member's pulls, held until we began the change too
+    pulled_last = False
+
+    def serve(target: Core, call: Call, now: float) -> tuple[dict[str, Any], list[Output]]:
+        body = loads(call.body) if call.body else None
+        if call.path == "/view":
+            return target.view_status(), []
+        handler = {"/internal/pull": target.on_pull, "/internal/handoff": target.on_handoff,
+                   "/internal/sync": target.on_sync, "/internal/stable": target.on_stable}
+        return handler[call.path](body, now, WALL)
+
+    def pump(caller: Core, outputs: list[Output], now: float, hold_pulls: bool) -> None:
+        nonlocal pulled_last
+        for call in calls(outputs):
+            if hold_pulls and caller is two and call.path == "/internal/pull":
+                pulls.append(call)
+                continue
+            target = cores[call.address]
+            answer, more = serve(target, call, now)
+            if call.path == "/internal/pull" and answer.get("next") is None:
+                pulled_last = True
+            offer = call.path == "/internal/handoff" and "offer" in loads(call.body or b"{}")
+            if offer and caller is one and not pulled_last:
+                held.append((caller, call, answer))  # its answer comes after the last page
+                continue
+            pump(target, more, now, hold_pulls)
+            pump(caller, caller.call_done(call.cid, Answer(200, dumps(answer)), now, WALL),
+                 now, hold_pulls)
+
+    now = 2.0
+    pump(two, two.put_view(1, new, now, WALL), now, hold_pulls=True)
+    pump(one, one.put_view(2, new, now, WALL), now, hold_pulls=True)
+    assert pulls and held, "the member pulls from us; it answered our offer meanwhile"
+    for call in pulls:  # now its pull goes through, to the last page
+        answer, more = one.on_pull(loads(call.body or b""), now, WALL)
+        pulled_last = pulled_last or answer.get("next") is None
+        pump(one, more, now, hold_pulls=False)
+        pump(two, two.call_done(call.cid, Answer(200, dumps(answer)), now, WALL), now,
+             hold_pulls=False)
+    assert pulled_last
+    caller, call, answer = held.pop(0)
+    assert answer["later"], "it said it would pull those itself"
+    out = caller.call_done(call.cid, Answer(200, dumps(answer)), now, WALL)
+    again = [c for c in calls(out) if c.path == "/internal/handoff"]
+    assert again and not loads(again[0].body or b"")["patient"], "offered again at once"
