@@ -125,7 +125,7 @@ class Forwarding:
         """Replicas to try: those that failed recently last, so a partitioned replica costs
         a request its timeout only once per ``forward_retry_after``, not every time; before
         that, this node's own preference (a hash of both ids: each node prefers one replica
-        of a shard, different nodes different ones).  Sticking to one replica, rather than
+        of a shard, different nodes mostly different ones).  Sticking to one replica, rather than
         spreading, is what lets frames to it share a wake-up and its caches stay warm (3x2
         GET +10%, bench), and lets a session's reads find its own writes already there."""
         now, horizon = self.core.k.now, self.core.config.forward_retry_after

@@ -3,8 +3,8 @@
 At once on news, but under load pushes to one peer are at least ``replication_linger`` apart
 (writes batch themselves) and go with the node's first input after that, the node waking for
 one only a linger later (a wake-up costs more than the push); a push with no entries (it
-only reports how far we have seen every stream: what the peer learns stability from) at most
-every ``replication_report_interval`` while no view change is under way, since under load
+only reports how far we have seen every stream: what the peer learns stability from) only
+``replication_report_interval`` after the last push (every push reports), since under load
 every push a peer receives would otherwise call for one back; one call in flight per peer;
 an idle peer gets a heartbeat every ``heartbeat_interval``; a failed push is retried after
 ``retry_interval`` (jittered); a batch a peer refuses as too large is halved, never resent
