@@ -196,9 +196,12 @@ async def test_connection_refused_is_not_sent(nursery: trio.Nursery) -> None:
     assert info.value.not_sent
 
 
-async def _silent_peer(nursery: trio.Nursery, answer_size: int = 0) -> tuple[str, list[int]]:
+async def _silent_peer(
+    nursery: trio.Nursery, answer_size: int = 0, read: bool = True
+) -> tuple[str, list[int]]:
     """A peer that accepts the channel, then never answers (a partition after the handshake),
-    or answers every frame with ``answer_size`` bytes of body."""
+    or answers every frame with ``answer_size`` bytes of body; with ``read`` false it reads
+    nothing after the handshake (a node that stopped reading)."""
     connections: list[int] = []
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -210,6 +213,8 @@ async def _silent_peer(nursery: trio.Nursery, answer_size: int = 0) -> tuple[str
         reader = MessageReader(stream)
         assert await reader.receive(MAX_HELLO)
         await stream.send_all(message({"status": 200}))
+        if not read:
+            await trio.sleep_forever()
         while (got := await reader.receive(1 << 20)) is not None:
             if answer_size:
                 fid = decode_request(unpack(got[0])[0], 4096)[0]
@@ -232,6 +237,24 @@ async def test_a_stalled_channel_times_out_and_is_replaced(nursery: trio.Nursery
                 await client.request(address, "GET", "/ping", timeout=0.3)
         assert not info.value.not_sent  # it reached the peer: it may have been applied
     assert len(connections) == 2  # the stalled connection was dropped, not reused
+
+
+async def test_a_peer_that_stops_reading_is_not_taken_for_a_partition(
+    nursery: trio.Nursery,
+) -> None:
+    """A peer whose kernel advertises a zero window (its node reads nothing) acknowledges only
+    the ever rarer window probes; the stall watcher must leave that connection alone (a
+    partition is bytes with no acknowledgement while the window is open)."""
+    address, _ = await _silent_peer(nursery, read=False)
+    fallback = PeerClient(real_transport, 8, 1.0, 5.0, "", 16 << 20)
+    client = ChannelClient(8, 1.0, 5.0, "", 16 << 20, fallback=fallback, stall_timeout=0.2)
+    client.start(nursery)
+    body = b"x" * (12 << 20)  # more than both sockets' buffers: the window closes
+    started = time.monotonic()
+    with trio.fail_after(10), pytest.raises(PeerUnavailable) as info:
+        await client.request(address, "PUT", "/x", content=body, timeout=2.5)
+    assert "no answer within" in str(info.value), info.value  # its timeout, not the watcher
+    assert time.monotonic() - started >= 2.4  # real seconds: the kernel's probes back off
 
 
 async def test_a_caller_that_gives_up_leaves_the_connection_to_the_others(

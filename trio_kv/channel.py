@@ -12,15 +12,23 @@ Bounds: every call sits in a cancel scope of its timeout, connecting and the han
 A call whose frame provably never left (connect or handshake failed, or the connection closed
 before our frame was written) is ``not_sent``; otherwise it may have been applied.  A call that
 timed out on a connection that has received nothing since the call was sent takes the
-connection down with it (a partition): the next call reconnects.  A peer that does not serve
-the channel (it answers the preface with HTTP: an older version) is called over HTTP instead,
-so clusters can upgrade one node at a time.
+connection down with it (a partition): the next call reconnects.  Sooner than that, a watcher
+takes down a connection with calls in flight once its kernel has been resending for
+``stall_timeout`` with no acknowledgement at all (``TCP_INFO``): the network is dropping what we
+send, as even a busy peer's kernel acknowledges what arrives.  Without it a partition held
+calls for their whole timeout, and after a heal the bytes waited for TCP's next backed-off
+resend, seconds later.
+
+A peer that does not serve the channel (it answers the preface with HTTP: an older version) is
+called over HTTP instead, so clusters can upgrade one node at a time.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import socket
+import struct
 
 import orjson
 import trio
@@ -52,6 +60,31 @@ log = logging.getLogger("trio_kv.channel")
 
 MAX_ANSWER_HEAD = 4096
 HTTP_ONLY_FOR = 60.0  # seconds a peer without the channel is called over HTTP before we re-ask
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux; elsewhere no watcher
+
+
+def resending(sock: trio.socket.SocketType) -> float | None:
+    """Seconds since the peer's kernel last acknowledged anything, if our kernel is resending
+    into an open window: a timed-out segment (``tcpi_retransmits``, the network dropped it)
+    or a failed probe (``tcpi_probes`` with a window: the packet never left, as when a local
+    firewall drops it).  None otherwise, and when unknown (no ``TCP_INFO``, or a kernel older
+    than 5.4, without ``tcpi_snd_wnd``).  A peer that stopped reading is not resending: it
+    closes its window (zero, or too small to send into) and acknowledges what it holds."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232)
+    except OSError:
+        return None
+    if len(info) < 232:
+        return None
+    retransmits, probes = info[2], info[3]
+    unacked = struct.unpack_from("I", info, 24)[0]
+    last_ack_ms: int = struct.unpack_from("I", info, 56)[0]
+    window = struct.unpack_from("I", info, 228)[0]
+    if (retransmits and unacked) or (probes and window):
+        return last_ack_ms / 1000
+    return None
 
 
 class _NotSent(Exception):
@@ -82,6 +115,7 @@ class _Link:
         self.stream = stream
         self.reader = reader
         self.pending: dict[int, _Pending] = {}
+        self.busy = trio.Event()  # set when a call is made: the stall watcher looks again
         self.closed = False
         self.going_away = False  # the peer is stopping: it reads no more frames
         self.used_at = trio.current_time()
@@ -104,6 +138,7 @@ class _Link:
             raise _NotSent
         fid = next(self._ids)
         pending = self.pending[fid] = _Pending()
+        self.busy.set()
         self.used_at = trio.current_time()
         try:
             self.outbox.put(encode_request(fid, method, path, headers, body))
@@ -168,6 +203,7 @@ class _Link:
             self.closed = True
             log.debug("channel to %s closed: %s", self.address, why)
             self.stream.socket.close()  # wakes the reader
+            self.busy.set()  # and the stall watcher
         for pending in self.pending.values():
             if not pending.done.is_set():
                 pending.fail(f"channel closed: {why}")
@@ -188,9 +224,11 @@ class ChannelClient(PeerCaller):
         max_answer_bytes: int = 16 << 20,
         fallback: PeerClient | None = None,
         linger: float = 0.005,
+        stall_timeout: float = 1.0,
     ) -> None:
         super().__init__(concurrency)
         self._linger = linger
+        self._stall_timeout = stall_timeout
         self._connect_timeout = connect_timeout
         self._expiry = keepalive_expiry
         self._secret = secret
@@ -299,6 +337,8 @@ class ChannelClient(PeerCaller):
             try:
                 self._nursery.start_soon(self._read, link)
                 self._nursery.start_soon(link.write)
+                if self._stall_timeout > 0 and _TCP_INFO is not None:
+                    self._nursery.start_soon(self._watch, link)
             except RuntimeError:  # the node's nursery is closing: we are stopping
                 link.abort("this node is stopping")
                 raise PeerUnavailable(address, "this node is stopping", not_sent=True) from None
@@ -346,6 +386,30 @@ class ChannelClient(PeerCaller):
             raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
         raise PeerUnavailable(address, f"channel refused ({status}): {welcome.get('error')}",
                               True, status=status)
+
+    async def _watch(self, link: _Link) -> None:
+        """While calls are in flight, four times per ``stall_timeout``: take the connection
+        down once the kernel has been resending for that long with no acknowledgement (the
+        module's docstring)."""
+        since: float | None = None  # the first look that found the kernel resending
+        while not link.closed:
+            if not link.pending:
+                since = None
+                link.busy = trio.Event()
+                await link.busy.wait()
+                continue
+            await trio.sleep(self._stall_timeout / 4)
+            if link.closed:
+                return
+            quiet = resending(link.stream.socket)
+            if quiet is None:
+                since = None
+                continue
+            now = trio.current_time()
+            since = now if since is None else since
+            if min(now - since, quiet) >= self._stall_timeout:
+                link.abort(f"no acknowledgement for {quiet:.1f}s while resending: the network "
+                           "is dropping what we send")
 
     async def _read(self, link: _Link) -> None:
         """Deliver answers until the connection ends; never raises into the node."""

@@ -46,6 +46,7 @@ class Config:
     peer_transport: str = "channel"  # channel (one connection per peer) | http (a call each)
     channel_max_in_flight: int = 256  # frames served at once on one incoming channel
     channel_send_linger: float = 0.005  # a frame waits at most this for the node to go idle
+    channel_stall_timeout: float = 1.0  # unacknowledged this long: the network drops them
     connect_timeout: float = 1.0
     peer_timeout: float = 5.0  # one replication or handoff call
     forward_attempt_timeout: float = 5.0  # one forwarded request to one replica
@@ -153,7 +154,7 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("auto", "json", "text")
 _NON_NEGATIVE = {
     "gc_gen0_threshold", "shutdown_grace", "replication_linger", "tombstone_grace",
-    "channel_send_linger", "replication_report_interval",
+    "channel_send_linger", "replication_report_interval", "channel_stall_timeout",
 }
 _DURABILITY = ("always", "batch", "none")
 _PEER_TRANSPORTS = ("channel", "http")

@@ -90,7 +90,7 @@ def peer_clients(config: Config, factory: TransportFactory) -> dict[str, PeerCal
             made[lane] = ChannelClient(
                 concurrency, config.connect_timeout, config.client_keepalive_expiry,
                 config.cluster_secret, config.max_peer_message_bytes, fallback=http,
-                linger=config.channel_send_linger)
+                linger=config.channel_send_linger, stall_timeout=config.channel_stall_timeout)
         else:
             made[lane] = http
     return made

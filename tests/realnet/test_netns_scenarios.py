@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from chaos.client import KVClient
+from chaos.cluster import Cluster
 from chaos.history import History
 
 from .helpers import ClusterFactory, assert_causal, causal_chain_across_partition, poll
@@ -83,6 +84,33 @@ def test_isolated_replica_catches_up_after_heal(netns_cluster: ClusterFactory) -
         # and a causal read on the former isolated node sees the client's last write
         assert client.get(cluster.url(3), "key99").value == "v99"
     print(f"converged {time.monotonic() - healed:.2f}s after heal ({elapsed:.2f}s polling)")
+
+
+def _sync_failures(cluster: Cluster, node_id: int) -> float:
+    """Node ``node_id``'s replication calls that got no answer, from its ``/metrics``."""
+    text = cluster.http.get(f"{cluster.url(node_id)}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('trio_kv_peer_call_failures_total{route="/internal/sync"}'))
+
+
+def test_a_cut_channel_fails_its_calls_long_before_their_timeout(
+        netns_cluster: ClusterFactory) -> None:
+    """A replication call stuck on a cut link fails once the kernel has resent for
+    ``channel_stall_timeout`` with no acknowledgement, not after ``peer_timeout`` (60 s here),
+    and the writes reach the cut replica soon after the heal."""
+    cluster = netns_cluster(3, env={"KV_PEER_TIMEOUT": "60"})
+    with KVClient("w") as client:
+        assert client.put(cluster.url(1), "warm", "up").status == 200  # channels open
+        cluster.wait_converged(timeout=10)
+        before = _sync_failures(cluster, 1)
+        cluster.isolate(3)
+        for i in range(10):
+            assert client.put(cluster.url(1), f"key{i}", f"v{i}").status == 200
+        poll(lambda: _sync_failures(cluster, 1) > before or None, timeout=15,
+             what="the call stuck on the cut link to fail")
+        cluster.heal()
+        _, items = cluster.wait_converged(timeout=10)
+        assert len(items["n3"] or {}) == 11
 
 
 def test_sigkill_and_restart(netns_cluster: ClusterFactory, tmp_path: Path) -> None:
