@@ -74,9 +74,30 @@ def _reply(reply: Reply) -> Response:
     return _json(reply.status, reply.payload or {})
 
 
-async def _body(request: Request, limit: int, timeout: float) -> Any:
+# The headers trio-kv reads: gathered in one pass over the raw list, where Starlette's
+# ``Headers`` lowercases, encodes and scans the whole list again for every lookup.
+_READ_HEADERS = frozenset(name.encode() for name in (
+    METADATA_HEADER, HOPS_HEADER, BUDGET_HEADER, WRITE_ID_HEADER, RETRY_HEADER, SECRET_HEADER,
+    "content-length", "transfer-encoding"))
+
+
+def _headers_of(request: Request) -> dict[str, str]:
+    """The headers of ``_READ_HEADERS`` the request has (the first of repeated ones, as
+    ``Headers.get`` gives), decoded as latin-1."""
+    found: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        if name in _READ_HEADERS and (text := name.decode("latin-1")) not in found:
+            found[text] = value.decode("latin-1")
+    return found
+
+
+async def _body(request: Request, headers: Mapping[str, str], limit: int, timeout: float) -> Any:
     """The decoded JSON body, or ``_NO_BODY`` when it is empty (GET often has none)."""
-    length = request.headers.get("content-length")
+    length = headers.get("content-length")
+    if (length is None or length == "0") and "transfer-encoding" not in headers and (
+        request.scope.get("http_version") in ("1.0", "1.1")
+    ):
+        return _NO_BODY  # HTTP/1 without a length or chunking has no body (RFC 9112, 6.3)
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body larger than {limit} bytes")
     chunks: list[bytes] = []
@@ -142,9 +163,9 @@ def _key_of(request: Request) -> str:
 _WRITE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
-def _has_secret(request: Request, secret: bytes) -> bool:
+def _has_secret(headers: Mapping[str, str], secret: bytes) -> bool:
     """Constant-time; compared as bytes (header text may hold any latin-1 character)."""
-    given = request.headers.get(SECRET_HEADER, "").encode("latin-1")
+    given = headers.get(SECRET_HEADER, "").encode("latin-1")
     return hmac.compare_digest(given, secret)
 
 
@@ -213,8 +234,8 @@ def build_app(node: Node) -> Starlette:
             raise ApiError(400, f"key longer than {cfg.max_key_bytes} bytes")
         return key
 
-    def trusted(request: Request) -> bool:
-        return not secret or _has_secret(request, secret)
+    def trusted(headers: Mapping[str, str]) -> bool:
+        return not secret or _has_secret(headers, secret)
 
     async def data_key_reply(
         method: str, key: str, body: Any, headers: Mapping[str, str], trust: bool
@@ -241,9 +262,9 @@ def build_app(node: Node) -> Starlette:
 
     async def data_key(request: Request) -> Response:
         key = _valid_key(_key_of(request))  # before reading a body for it
-        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
-        reply = await data_key_reply(request.method, key, body, request.headers,
-                                     trusted(request))
+        headers = _headers_of(request)
+        body = await _body(request, headers, cfg.max_request_bytes, cfg.read_timeout)
+        reply = await data_key_reply(request.method, key, body, headers, trusted(headers))
         return _reply(reply)
 
     async def data_all(request: Request) -> Response:
@@ -251,11 +272,12 @@ def build_app(node: Node) -> Starlette:
             page = parse_page(request.query_params, cfg.max_page_items, cfg.max_key_bytes)
         except PageError as exc:
             raise ApiError(400, str(exc)) from exc
-        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
+        headers = _headers_of(request)
+        body = await _body(request, headers, cfg.max_request_bytes, cfg.read_timeout)
         if body is not _NO_BODY and not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        hops, budget, _, _ = _node_headers(request.headers, cfg, trusted(request))
-        deps = _metadata(request.headers, body, node)
+        hops, budget, _, _ = _node_headers(headers, cfg, trusted(headers))
+        deps = _metadata(headers, body, node)
         reply = await node.data("GET", None, deps, None, hops, budget, page=page,
                                 request_id=REQUEST_ID.get())
         await node.durable()
@@ -275,9 +297,10 @@ def build_app(node: Node) -> Starlette:
     async def view(request: Request) -> Response:
         if request.method == "GET":
             return _json(200, node.view_status())
-        if secret and not _has_secret(request, secret):
+        headers = _headers_of(request)
+        if secret and not _has_secret(headers, secret):
             raise ApiError(401, "PUT /view needs the cluster secret (X-KV-Secret)")
-        body = await _body(request, cfg.max_request_bytes, cfg.read_timeout)
+        body = await _body(request, headers, cfg.max_request_bytes, cfg.read_timeout)
         try:
             new = parse_view(None if body is _NO_BODY else body, cfg.vnodes, cfg.max_view_nodes)
         except ViewError as exc:
@@ -302,9 +325,10 @@ def build_app(node: Node) -> Starlette:
 
     def _internal(path: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            if secret and not _has_secret(request, secret):
+            headers = _headers_of(request)
+            if secret and not _has_secret(headers, secret):
                 raise ApiError(401, "internal endpoint: cluster secret missing or wrong")
-            body = await _body(request, cfg.max_peer_message_bytes, cfg.read_timeout)
+            body = await _body(request, headers, cfg.max_peer_message_bytes, cfg.read_timeout)
             peer = request.client.host if request.client else "?"
             return _json(200, await peer_answer(path, body, peer))
 
@@ -370,10 +394,10 @@ def build_app(node: Node) -> Starlette:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _json(500, {"error": "internal error; see the node's log"})
 
-    routes = [
+    routes = [  # the router tries them in order: the busiest first
+        Route("/data/{key:kvkey}", data_key, methods=["GET", "PUT", "DELETE"]),
         Route("/ping", ping, methods=["GET"]),
         Route("/data", data_all, methods=["GET"]),
-        Route("/data/{key:kvkey}", data_key, methods=["GET", "PUT", "DELETE"]),
         Route("/view", view, methods=["GET", "PUT"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),

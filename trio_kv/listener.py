@@ -40,10 +40,13 @@ class _Replay(trio.abc.HalfCloseableStream):
         self.socket = stream.socket  # hypercorn reads the peer's address from it
         self._stream = stream
         self._first = first
+        # Every request passes here twice: call the socket stream with no frame in between.
+        self.send_all = stream.send_all  # type: ignore[method-assign]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._first:
             first, self._first = self._first, b""
+            self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
             await trio.lowlevel.checkpoint()
             return first
         return await self._stream.receive_some(max_bytes)

@@ -34,7 +34,7 @@ _VALID_ID = re.compile(rb"[\x21-\x7e]+")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 ROUTES = frozenset({"/data", "/ping", "/view", "/metrics", "/openapi.json", "/internal/sync",
-                    "/internal/handoff", "/internal/pull"})
+                    "/internal/handoff", "/internal/pull", "/internal/stable"})
 METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
 
 Scope = MutableMapping[str, Any]
