@@ -14,8 +14,10 @@ before our frame was written) is ``not_sent``; otherwise it may have been applie
 timed out on a connection that has received nothing since the call was sent takes the
 connection down with it (a partition): the next call reconnects.  Sooner than that, a watcher
 takes down a connection with calls in flight once its kernel has been resending for
-``stall_timeout`` with no acknowledgement at all (``TCP_INFO``): the network is dropping what we
-send, as even a busy peer's kernel acknowledges what arrives.  Without it a partition held
+``stall_timeout`` (and three base retransmission timeouts) with no acknowledgement at all
+(Linux's ``TCP_INFO``): the network is dropping what we send, as even a busy peer's kernel
+acknowledges what arrives.  The kernel is told to drop what it still holds (a reset), so
+nothing stale arrives after a heal.  Without it a partition held
 calls for their whole timeout, and after a heal the bytes waited for TCP's next backed-off
 resend, seconds later.
 
@@ -25,10 +27,12 @@ called over HTTP instead, so clusters can upgrade one node at a time.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
 import struct
+import sys
 
 import orjson
 import trio
@@ -60,31 +64,44 @@ log = logging.getLogger("trio_kv.channel")
 
 MAX_ANSWER_HEAD = 4096
 HTTP_ONLY_FOR = 60.0  # seconds a peer without the channel is called over HTTP before we re-ask
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux; elsewhere no watcher
+# Linux's ``struct tcp_info`` (other systems that have TCP_INFO lay it out differently): no
+# watcher elsewhere, nor on kernels before 5.4, whose struct ends before ``tcpi_snd_wnd``.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+_TCP_INFO_BYTES = 232
 
 
-def resending(sock: trio.socket.SocketType) -> float | None:
-    """Seconds since the peer's kernel last acknowledged anything, if our kernel is resending
-    into an open window: a timed-out segment (``tcpi_retransmits``, the network dropped it)
-    or a failed probe (``tcpi_probes`` with a window: the packet never left, as when a local
-    firewall drops it).  None otherwise, and when unknown (no ``TCP_INFO``, or a kernel older
-    than 5.4, without ``tcpi_snd_wnd``).  A peer that stopped reading is not resending: it
-    closes its window (zero, or too small to send into) and acknowledges what it holds."""
-    if _TCP_INFO is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232)
-    except OSError:
-        return None
-    if len(info) < 232:
+def tcp_stall(info: bytes) -> tuple[float, float] | None:
+    """From a Linux ``struct tcp_info``: if the kernel is resending into an open window, the
+    seconds since the peer's kernel last acknowledged anything and the path's base
+    retransmission timeout (smoothed RTT + 4 x its variance); else None.
+
+    Resending is a timed-out segment still unacknowledged (``tcpi_retransmits``: the network
+    dropped it) or a failed probe while the peer's window is open (``tcpi_probes``: the packet
+    never left, as when a local firewall drops it).  A peer that stopped reading is not
+    resending: it closes its window (zero, or too small to send into) and acknowledges what
+    it holds."""
+    if len(info) < _TCP_INFO_BYTES:
         return None
     retransmits, probes = info[2], info[3]
-    unacked = struct.unpack_from("I", info, 24)[0]
-    last_ack_ms: int = struct.unpack_from("I", info, 56)[0]
-    window = struct.unpack_from("I", info, 228)[0]
+    unacked, rtt_us, rttvar_us = (struct.unpack_from("I", info, at)[0] for at in (24, 68, 72))
+    last_ack_ms, window = (struct.unpack_from("I", info, at)[0] for at in (56, 228))
     if (retransmits and unacked) or (probes and window):
-        return last_ack_ms / 1000
+        return last_ack_ms / 1000, (rtt_us + 4 * rttvar_us) / 1e6
     return None
+
+
+def tcp_info_usable(sock: trio.socket.SocketType) -> bool:
+    """Whether this system gives the ``struct tcp_info`` that ``tcp_stall`` reads."""
+    return len(_tcp_info(sock)) >= _TCP_INFO_BYTES
+
+
+def _tcp_info(sock: trio.socket.SocketType) -> bytes:
+    if _TCP_INFO is None:
+        return b""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_BYTES)
+    except OSError:
+        return b""
 
 
 class _NotSent(Exception):
@@ -196,12 +213,19 @@ class _Link:
             log.exception("channel to %s: writer failed", self.address)
             self.abort("writer failed")
 
-    def abort(self, why: str) -> None:
-        """Close the connection now; every call waiting on it fails (maybe applied)."""
+    def abort(self, why: str, reset: bool = False) -> None:
+        """Close the connection now; every call waiting on it fails (maybe applied).  With
+        ``reset`` (the network drops what we send) the kernel discards what it still holds
+        to send and answers with a reset, rather than keep resending it for minutes and
+        deliver it after a heal."""
         self.outbox.close()
         if not self.closed:
             self.closed = True
             log.debug("channel to %s closed: %s", self.address, why)
+            if reset:
+                with contextlib.suppress(OSError):
+                    self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                  struct.pack("ii", 1, 0))
             self.stream.socket.close()  # wakes the reader
             self.busy.set()  # and the stall watcher
         for pending in self.pending.values():
@@ -224,7 +248,7 @@ class ChannelClient(PeerCaller):
         max_answer_bytes: int = 16 << 20,
         fallback: PeerClient | None = None,
         linger: float = 0.005,
-        stall_timeout: float = 1.0,
+        stall_timeout: float = 2.0,
     ) -> None:
         super().__init__(concurrency)
         self._linger = linger
@@ -337,7 +361,7 @@ class ChannelClient(PeerCaller):
             try:
                 self._nursery.start_soon(self._read, link)
                 self._nursery.start_soon(link.write)
-                if self._stall_timeout > 0 and _TCP_INFO is not None:
+                if self._stall_timeout > 0 and tcp_info_usable(link.stream.socket):
                     self._nursery.start_soon(self._watch, link)
             except RuntimeError:  # the node's nursery is closing: we are stopping
                 link.abort("this node is stopping")
@@ -389,27 +413,30 @@ class ChannelClient(PeerCaller):
 
     async def _watch(self, link: _Link) -> None:
         """While calls are in flight, four times per ``stall_timeout``: take the connection
-        down once the kernel has been resending for that long with no acknowledgement (the
-        module's docstring)."""
+        down once the kernel has resent for that long (or three base retransmission timeouts,
+        on a slow path) with no acknowledgement (the module's docstring).  Never raises into
+        the node."""
         since: float | None = None  # the first look that found the kernel resending
-        while not link.closed:
-            if not link.pending:
-                since = None
-                link.busy = trio.Event()
-                await link.busy.wait()
-                continue
-            await trio.sleep(self._stall_timeout / 4)
-            if link.closed:
-                return
-            quiet = resending(link.stream.socket)
-            if quiet is None:
-                since = None
-                continue
-            now = trio.current_time()
-            since = now if since is None else since
-            if min(now - since, quiet) >= self._stall_timeout:
-                link.abort(f"no acknowledgement for {quiet:.1f}s while resending: the network "
-                           "is dropping what we send")
+        try:
+            while not link.closed:
+                if not link.pending:
+                    since = None
+                    link.busy = trio.Event()
+                    await link.busy.wait()
+                    continue
+                await trio.sleep(self._stall_timeout / 4)
+                stall = None if link.closed else tcp_stall(_tcp_info(link.stream.socket))
+                if stall is None:
+                    since = None
+                    continue
+                quiet, rto = stall
+                now = trio.current_time()
+                since = now if since is None else since
+                if min(now - since, quiet) >= max(self._stall_timeout, 3 * rto):
+                    link.abort(f"no acknowledgement for {quiet:.1f}s while resending: the "
+                               "network is dropping what we send", reset=True)
+        except Exception:
+            log.exception("channel to %s: stall watcher failed", link.address)
 
     async def _read(self, link: _Link) -> None:
         """Deliver answers until the connection ends; never raises into the node."""

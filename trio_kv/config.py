@@ -46,7 +46,7 @@ class Config:
     peer_transport: str = "channel"  # channel (one connection per peer) | http (a call each)
     channel_max_in_flight: int = 256  # frames served at once on one incoming channel
     channel_send_linger: float = 0.005  # a frame waits at most this for the node to go idle
-    channel_stall_timeout: float = 1.0  # unacknowledged this long: the network drops them
+    channel_stall_timeout: float = 2.0  # resending this long unacknowledged: a partition
     connect_timeout: float = 1.0
     peer_timeout: float = 5.0  # one replication or handoff call
     forward_attempt_timeout: float = 5.0  # one forwarded request to one replica
@@ -111,6 +111,10 @@ class Config:
             raise ConfigError("durability", f"must be one of {', '.join(_DURABILITY)}")
         if self.tombstone_interval <= 0:
             raise ConfigError("tombstone_interval", "must be positive")
+        if 0 < self.channel_stall_timeout < 0.5:
+            raise ConfigError("channel_stall_timeout", "must be 0 (off) or at least 0.5 s: "
+                              "below that one lost segment, resent after 0.2 s, takes a "
+                              "channel down")
         if self.stable_query_deps < self.max_token_deps:
             raise ConfigError(
                 "stable_query_deps", f"{self.stable_query_deps} is below max_token_deps "

@@ -46,10 +46,12 @@ HELP: dict[str, str] = {
     "channel_send_linger": "Longest a peer frame waits for this node to have nothing else to "
     "run before it is sent anyway, in seconds (frames go out when the node goes idle, each "
     "peer's together; 0 sends them at the end of every pass of the event loop).",
-    "channel_stall_timeout": "Longest bytes written to a peer channel may wait with no "
-    "acknowledgement at all from the peer's kernel, in seconds: then the network is dropping "
-    "them (a partition), the channel is taken down, its calls fail and the next call "
-    "reconnects; checked four times as often (0: never, calls wait out their timeout).",
+    "channel_stall_timeout": "Longest the kernel may keep resending what this node wrote to a "
+    "peer channel with no acknowledgement, in seconds (at least three of the path's base "
+    "retransmission timeouts): the network is dropping it (a partition), so the channel is "
+    "reset, its calls fail and the next call reconnects. Checked four times as often while "
+    "calls are in flight; 0 turns it off, else at least 0.5. Calls over HTTP (peer_transport "
+    "http, or to an older peer) wait out their timeout.",
     "connect_timeout": "Longest wait to open a connection to a peer, in seconds.",
     "peer_timeout": "Longest one replication or handoff call may take, in seconds.",
     "forward_attempt_timeout": "Longest one forwarded request to one replica may take, in "

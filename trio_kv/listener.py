@@ -45,9 +45,9 @@ class _Replay(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._first:
+            await trio.lowlevel.checkpoint()  # before taking them: a cancel here loses nothing
             first, self._first = self._first, b""
             self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
-            await trio.lowlevel.checkpoint()
             return first
         return await self._stream.receive_some(max_bytes)
 

@@ -28,22 +28,10 @@ class Ring:
             raise ValueError("a ring needs at least one shard")
         self.positions = [p for p, _ in points]
         self.owners = [s for _, s in points]
-        self._memo: dict[str, str] = {}
-
-    # Keys looked up again and again (a request's key, then the dependencies that cross-shard
-    # pruning groups by shard every round) are answered from a memo instead of a hash and a
-    # bisect; emptied when full, so it holds at most this many keys (~1 MiB).
-    MEMO_KEYS = 8192
 
     def shard_for(self, key: str) -> str:
-        shard = self._memo.get(key)
-        if shard is None:
-            i = bisect.bisect_left(self.positions, key_hash(key))
-            shard = self.owners[i % len(self.owners)]
-            if len(self._memo) >= self.MEMO_KEYS:
-                self._memo.clear()
-            self._memo[key] = shard
-        return shard
+        i = bisect.bisect_left(self.positions, key_hash(key))
+        return self.owners[i % len(self.owners)]
 
     def segments(self) -> list[tuple[int, int, str]]:
         """Half-open hash ranges ``(start, end, shard)`` covering the whole space.

@@ -93,22 +93,33 @@ def _sync_failures(cluster: Cluster, node_id: int) -> float:
                if line.startswith('trio_kv_peer_call_failures_total{route="/internal/sync"}'))
 
 
+@pytest.mark.parametrize("where", ["both ends", "receiver only"])
 def test_a_cut_channel_fails_its_calls_long_before_their_timeout(
-        netns_cluster: ClusterFactory) -> None:
+        netns_cluster: ClusterFactory, where: str) -> None:
     """A replication call stuck on a cut link fails once the kernel has resent for
     ``channel_stall_timeout`` with no acknowledgement, not after ``peer_timeout`` (60 s here),
-    and the writes reach the cut replica soon after the heal."""
+    and the writes reach the cut replica soon after the heal.  Cut at both ends (the sender's
+    own firewall drops its packets: they never leave) or at the receiver only (they leave
+    and are lost: TCP's retransmissions)."""
     cluster = netns_cluster(3, env={"KV_PEER_TIMEOUT": "60"})
+    receiver = cluster.node(3)
+    drop = ["INPUT", "-s", cluster.node(1).host, "-j", "DROP"]
     with KVClient("w") as client:
         assert client.put(cluster.url(1), "warm", "up").status == 200  # channels open
         cluster.wait_converged(timeout=10)
         before = _sync_failures(cluster, 1)
-        cluster.isolate(3)
+        if where == "both ends":
+            cluster.isolate(3)
+        else:
+            cluster.backend.node_exec(receiver, ["iptables", "-I", *drop])
         for i in range(10):
             assert client.put(cluster.url(1), f"key{i}", f"v{i}").status == 200
         poll(lambda: _sync_failures(cluster, 1) > before or None, timeout=15,
              what="the call stuck on the cut link to fail")
-        cluster.heal()
+        if where == "both ends":
+            cluster.heal()
+        else:
+            cluster.backend.node_exec(receiver, ["iptables", "-D", *drop])
         _, items = cluster.wait_converged(timeout=10)
         assert len(items["n3"] or {}) == 11
 
