@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from trio_kv import channel, listener
+from trio_kv import channel, listener, tcpinfo
 from trio_kv.api import build_app
 from trio_kv.channel import ChannelClient
 from trio_kv.channel_server import channel_server
@@ -259,7 +259,7 @@ async def test_a_peer_that_stops_reading_is_not_taken_for_a_partition(
         while not client._links:
             await trio.sleep(0.01)
         [link] = client._links.values()
-        while struct.unpack_from("I", channel._tcp_info(link.stream.socket), 228)[0]:
+        while struct.unpack_from("I", tcpinfo.tcp_info(link.stream.socket), 228)[0]:
             await trio.sleep(0.01)
         closed.append(True)
 
@@ -297,7 +297,25 @@ def _tcp_info(retransmits: int = 0, probes: int = 0, unacked: int = 0, last_ack_
 ])
 def test_tcp_info_says_when_the_kernel_resends_into_an_open_window(
         info: bytes, stall: tuple[float, float] | None) -> None:
-    assert channel.tcp_stall(info) == (pytest.approx(stall) if stall else None)
+    assert tcpinfo.tcp_stall(info) == (pytest.approx(stall) if stall else None)
+
+
+async def test_a_reset_fails_the_calls_whose_frames_never_left_as_not_sent() -> None:
+    """Frames go out in id order, in messages; a reset after at most ``left`` bytes of the
+    stream left this host fails as not sent the calls whose message began at or after that,
+    and those not yet handed to the socket at all."""
+    here, there = trio.socket.socketpair()
+    link = channel._Link("peer:1", trio.SocketStream(here), MessageReader(trio.SocketStream(there)),
+                         0.005, offset=100)  # the handshake took the first 100 bytes
+    link._starting(2, 50)  # frames 1-2: bytes 100-149
+    link._starting(3, 70)  # frames 3-5: bytes 150-219; frames 6 and on: still queued
+    assert [link.never_left(f, left=150) for f in range(1, 8)] == [False] * 2 + [True] * 5
+    assert [link.never_left(f, left=151) for f in range(1, 8)] == [False] * 5 + [True] * 2
+    for fid in (2, 3, 6):
+        link.pending[fid] = channel._Pending()
+    link.abort("cut", reset=True, left=150)
+    assert [link.pending[f].not_sent for f in (2, 3, 6)] == [False, True, True]
+    assert "cut" in link.pending[2].error
 
 
 async def test_a_caller_that_gives_up_leaves_the_connection_to_the_others(

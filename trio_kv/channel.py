@@ -32,7 +32,7 @@ import itertools
 import logging
 import socket
 import struct
-import sys
+from collections import deque
 
 import orjson
 import trio
@@ -52,6 +52,7 @@ from .frames import (
 )
 from .observe import REQUEST_ID, REQUEST_ID_HEADER
 from .outbox import Outbox, try_send
+from .tcpinfo import tcp_info, tcp_info_usable, tcp_stall, tcp_unsent
 from .transport import (
     PeerCaller,
     PeerClient,
@@ -63,47 +64,8 @@ from .transport import (
 log = logging.getLogger("trio_kv.channel")
 
 MAX_ANSWER_HEAD = 4096
+MARKS = 1024  # recent messages whose start a link remembers (older calls: maybe sent)
 HTTP_ONLY_FOR = 60.0  # seconds a peer without the channel is called over HTTP before we re-ask
-# Linux's ``struct tcp_info`` (other systems that have TCP_INFO lay it out differently): no
-# watcher elsewhere, nor on kernels before 5.4, whose struct ends before ``tcpi_snd_wnd``.
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
-_TCP_INFO_BYTES = 232
-
-
-def tcp_stall(info: bytes) -> tuple[float, float] | None:
-    """From a Linux ``struct tcp_info``: if the kernel is resending into an open window, the
-    seconds since the peer's kernel last acknowledged anything and the path's base
-    retransmission timeout (smoothed RTT + 4 x its variance); else None.
-
-    Resending is a timed-out segment still unacknowledged (``tcpi_retransmits``: the network
-    dropped it) or a failed probe while the peer's window is open (``tcpi_probes``: the packet
-    never left, as when a local firewall drops it).  A peer that stopped reading is not
-    resending: it closes its window (zero, or too small to send into) and acknowledges what
-    it holds."""
-    if len(info) < _TCP_INFO_BYTES:
-        return None
-    retransmits, probes = info[2], info[3]
-    unacked, rtt_us, rttvar_us = (struct.unpack_from("I", info, at)[0] for at in (24, 68, 72))
-    last_ack_ms, window = (struct.unpack_from("I", info, at)[0] for at in (56, 228))
-    if (retransmits and unacked) or (probes and window):
-        return last_ack_ms / 1000, (rtt_us + 4 * rttvar_us) / 1e6
-    return None
-
-
-def tcp_info_usable(sock: trio.socket.SocketType) -> bool:
-    """Whether this system gives the ``struct tcp_info`` that ``tcp_stall`` reads."""
-    return len(_tcp_info(sock)) >= _TCP_INFO_BYTES
-
-
-def _tcp_info(sock: trio.socket.SocketType) -> bytes:
-    if _TCP_INFO is None:
-        return b""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_BYTES)
-    except OSError:
-        return b""
-
-
 class _NotSent(Exception):
     """The connection closed before our frame was written: safe to send it elsewhere."""
 
@@ -127,17 +89,40 @@ class _Link:
     """One open channel to one peer, shared by every call to it."""
 
     def __init__(self, address: str, stream: trio.SocketStream, reader: MessageReader,
-                 linger: float) -> None:
+                 linger: float, offset: int = 0) -> None:
         self.address = address
         self.stream = stream
         self.reader = reader
         self.pending: dict[int, _Pending] = {}
+        # What went to the socket, so a reset can tell which calls' frames never left: the
+        # frames handed out so far (ids 1 to ``handed``), the stream offset after them
+        # (``offset``: the handshake's bytes first), and where each recent message began.
+        self.handed = 0
+        self.offset = offset
+        self._marks: deque[tuple[int, int]] = deque(maxlen=MARKS)  # (first frame id, offset)
         self.busy = trio.Event()  # set when a call is made: the stall watcher looks again
         self.closed = False
         self.going_away = False  # the peer is stopping: it reads no more frames
         self.used_at = trio.current_time()
         self._ids = itertools.count(1)  # the n-th frame on the connection has id n
-        self.outbox = Outbox(self.send, try_send=try_send(stream), linger=linger)
+        self.outbox = Outbox(self.send, try_send=try_send(stream), linger=linger,
+                             starting=self._starting)
+
+    def _starting(self, frames: int, size: int) -> None:
+        self._marks.append((self.handed + 1, self.offset))
+        self.handed += frames
+        self.offset += size
+
+    def never_left(self, fid: int, left: int) -> bool:
+        """Whether frame ``fid`` provably never left this host, given that at most ``left``
+        bytes of the stream did: not yet handed to the socket, or in a message that begins
+        at or after ``left``.  False when unsure (its message is older than the marks kept)."""
+        if fid > self.handed:
+            return True
+        for first, start in reversed(self._marks):
+            if first <= fid:
+                return start >= left
+        return False
 
     async def send(self, data: bytes) -> None:
         if self.closed:
@@ -213,12 +198,15 @@ class _Link:
             log.exception("channel to %s: writer failed", self.address)
             self.abort("writer failed")
 
-    def abort(self, why: str, reset: bool = False) -> None:
+    def abort(self, why: str, reset: bool = False, left: int | None = None) -> None:
         """Close the connection now; every call waiting on it fails (maybe applied).  With
         ``reset`` (the network drops what we send) the kernel discards what it still holds
         to send and answers with a reset, rather than keep resending it for minutes and
-        deliver it after a heal."""
+        deliver it after a heal; then, given ``left`` (at most that many bytes of the stream
+        ever left this host), the calls whose frames never left fail as not sent, so a
+        forwarded write can go to another replica."""
         self.outbox.close()
+        discarded = False  # the kernel dropped what it held unsent: it will never leave
         if not self.closed:
             self.closed = True
             log.debug("channel to %s closed: %s", self.address, why)
@@ -226,11 +214,13 @@ class _Link:
                 with contextlib.suppress(OSError):
                     self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                   struct.pack("ii", 1, 0))
+                    discarded = left is not None
             self.stream.socket.close()  # wakes the reader
             self.busy.set()  # and the stall watcher
-        for pending in self.pending.values():
+        for fid, pending in self.pending.items():
             if not pending.done.is_set():
-                pending.fail(f"channel closed: {why}")
+                unsent = discarded and left is not None and self.never_left(fid, left)
+                pending.fail(f"channel closed: {why}", not_sent=unsent)
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.pending else now - self.used_at
@@ -385,7 +375,8 @@ class ChannelClient(PeerCaller):
 
     async def _handshake(self, address: str, stream: trio.SocketStream) -> _Link:
         try:
-            await stream.send_all(PREFACE + message({"secret": self._secret}))
+            hello = PREFACE + message({"secret": self._secret})
+            await stream.send_all(hello)
             first = b""
             while len(first) < len(b"HTTP/"):  # enough to tell a welcome from HTTP
                 data = await stream.receive_some(MAX_HELLO)
@@ -405,7 +396,7 @@ class ChannelClient(PeerCaller):
             raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
         status = welcome.get("status")
         if status == 200:
-            return _Link(address, stream, reader, self._linger)
+            return _Link(address, stream, reader, self._linger, len(hello))
         if not isinstance(status, int) or not 400 <= status <= 599:
             raise PeerUnavailable(address, "channel handshake failed: no welcome", True)
         raise PeerUnavailable(address, f"channel refused ({status}): {welcome.get('error')}",
@@ -425,7 +416,8 @@ class ChannelClient(PeerCaller):
                     await link.busy.wait()
                     continue
                 await trio.sleep(self._stall_timeout / 4)
-                stall = None if link.closed else tcp_stall(_tcp_info(link.stream.socket))
+                info = b"" if link.closed else tcp_info(link.stream.socket)
+                stall = tcp_stall(info)
                 if stall is None:
                     since = None
                     continue
@@ -434,7 +426,8 @@ class ChannelClient(PeerCaller):
                 since = now if since is None else since
                 if min(now - since, quiet) >= max(self._stall_timeout, 3 * rto):
                     link.abort(f"no acknowledgement for {quiet:.1f}s while resending: the "
-                               "network is dropping what we send", reset=True)
+                               "network is dropping what we send", reset=True,
+                               left=link.offset - tcp_unsent(info))
         except Exception:
             log.exception("channel to %s: stall watcher failed", link.address)
 

@@ -45,9 +45,11 @@ class Outbox:
         sent: Callable[[list[bytes]], bool] | None = None,
         try_send: Callable[[bytes], int] | None = None,
         linger: float = 0.005,
+        starting: Callable[[int, int], None] | None = None,
     ) -> None:
         self._send = send
         self._sent = sent
+        self._starting = starting
         self._try_send = try_send
         self._linger = linger
         self._queue: deque[bytes] = deque()
@@ -91,7 +93,7 @@ class Outbox:
         woke = False
         while self._queue:
             frames = self._take()
-            data = pack(frames)
+            data = self._start(frames)
             try:
                 written = self._try_send(data)
             except OSError:  # would block, or the connection broke: the writer finds out
@@ -124,7 +126,7 @@ class Outbox:
                     self._rest = None
                 while self._queue and not self.closed:
                     frames = self._take()
-                    await self._write(pack(frames), frames)
+                    await self._write(self._start(frames), frames)
                 if self._finishing:
                     return
                 await self._wake.wait()
@@ -133,6 +135,14 @@ class Outbox:
                 raise trio.BrokenResourceError("sending failed") from self._error
         finally:
             self.finished.set()
+
+    def _start(self, frames: list[bytes]) -> bytes:
+        """The next message, about to be handed to the socket; ``starting`` is told how many
+        frames and bytes it holds (messages go out whole and in order)."""
+        data = pack(frames)
+        if self._starting is not None:
+            self._starting(len(frames), len(data))
+        return data
 
     async def _write(self, data: bytes, frames: list[bytes]) -> None:
         self._sending = True

@@ -18,6 +18,8 @@ import pytest
 from chaos.client import KVClient
 from chaos.cluster import Cluster
 from chaos.history import History
+from trio_kv.core.forwarding import _preference
+from trio_kv.view import parse_view
 
 from .helpers import ClusterFactory, assert_causal, causal_chain_across_partition, poll
 
@@ -122,6 +124,30 @@ def test_a_cut_channel_fails_its_calls_long_before_their_timeout(
             cluster.backend.node_exec(receiver, ["iptables", "-D", *drop])
         _, items = cluster.wait_converged(timeout=10)
         assert len(items["n3"] or {}) == 11
+
+
+def test_a_forwarded_write_stuck_on_a_cut_channel_goes_to_the_other_replica(
+        netns_cluster: ClusterFactory) -> None:
+    """Node 1 forwards a write for the other shard over an open channel to the replica it
+    prefers, which a partition has just cut off.  Once the stall watcher resets that channel,
+    what it knows never left this host counts as not sent, so the write goes to the shard's
+    other replica and succeeds, not a 503 "may or may not have been applied" at the deadline."""
+    cluster = netns_cluster(4, shards=2)
+    view = parse_view({"view": cluster.state.view()})
+    other = next(name for name, members in view.shards.items()
+                 if 1 not in {m.id for m in members})
+    replicas = [m.id for m in view.shards[other]]
+    preferred = min(replicas, key=lambda m: _preference(1, m))  # where node 1 forwards first
+    key = next(k for k in (f"k{i}" for i in range(1000)) if view.shard_for(k) == other)
+    with KVClient("w", timeout=30) as client:
+        assert client.put(cluster.url(1), key, "v0").status == 200  # the channel is open
+        cluster.partition([1], [preferred])
+        op = client.put(cluster.url(1), key, "v1")
+        assert op.status == 200, op
+        assert op.end - op.start < 15, op  # wait_deadline is 20 s here
+        cluster.heal()
+        _, items = cluster.wait_converged(timeout=10)
+        assert all((n or {}).get(key) == "v1" for n in items.values() if n and key in n)
 
 
 def test_sigkill_and_restart(netns_cluster: ClusterFactory, tmp_path: Path) -> None:
