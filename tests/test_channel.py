@@ -274,11 +274,12 @@ async def test_a_peer_that_stops_reading_is_not_taken_for_a_partition(
 
 
 def _tcp_info(retransmits: int = 0, probes: int = 0, unacked: int = 0, last_ack_ms: int = 0,
-              rtt_us: int = 100, rttvar_us: int = 50, window: int = 65535) -> bytes:
+              rtt_us: int = 100, rttvar_us: int = 50, window: int = 65535,
+              unsent: int = 0) -> bytes:
     info = bytearray(232)
     info[2], info[3] = retransmits, probes
     for at, value in ((24, unacked), (56, last_ack_ms), (68, rtt_us), (72, rttvar_us),
-                      (228, window)):
+                      (144, unsent), (228, window)):
         struct.pack_into("I", info, at, value)
     return bytes(info)
 
@@ -300,22 +301,45 @@ def test_tcp_info_says_when_the_kernel_resends_into_an_open_window(
     assert tcpinfo.tcp_stall(info) == (pytest.approx(stall) if stall else None)
 
 
-async def test_a_reset_fails_the_calls_whose_frames_never_left_as_not_sent() -> None:
-    """Frames go out in id order, in messages; a reset after at most ``left`` bytes of the
-    stream left this host fails as not sent the calls whose message began at or after that,
-    and those not yet handed to the socket at all."""
+def _link(offset: int) -> channel._Link:
     here, there = trio.socket.socketpair()
-    link = channel._Link("peer:1", trio.SocketStream(here), MessageReader(trio.SocketStream(there)),
-                         0.005, offset=100)  # the handshake took the first 100 bytes
+    return channel._Link("peer:1", trio.SocketStream(here),
+                         MessageReader(trio.SocketStream(there)), 0.005, offset=offset)
+
+
+@pytest.mark.parametrize(("info", "unsent"), [
+    # the kernel is resending and never sent the last 70 bytes: frames 3-5 never left
+    (_tcp_info(probes=1, last_ack_ms=3000, unsent=70), [False, True, True]),
+    # an acknowledgement came (the network is back): what was queued may go out
+    (_tcp_info(last_ack_ms=0, unsent=70), [False, False, True]),
+    (b"", [False, False, True]),  # no TCP_INFO: only frames never handed to the socket
+])
+async def test_a_reset_fails_the_calls_whose_frames_never_left_as_not_sent(
+        monkeypatch: pytest.MonkeyPatch, info: bytes, unsent: list[bool]) -> None:
+    """Frames go out in id order, in messages; a reset fails as not sent the calls whose
+    message began past what ever left this host (the kernel's ``tcpi_notsent_bytes``, read
+    as the connection is reset), and those never handed to the socket."""
+    link = _link(offset=100)  # the handshake took the first 100 bytes
     link._starting(2, 50)  # frames 1-2: bytes 100-149
     link._starting(3, 70)  # frames 3-5: bytes 150-219; frames 6 and on: still queued
     assert [link.never_left(f, left=150) for f in range(1, 8)] == [False] * 2 + [True] * 5
     assert [link.never_left(f, left=151) for f in range(1, 8)] == [False] * 5 + [True] * 2
     for fid in (2, 3, 6):
         link.pending[fid] = channel._Pending()
-    link.abort("cut", reset=True, left=150)
-    assert [link.pending[f].not_sent for f in (2, 3, 6)] == [False, True, True]
+    monkeypatch.setattr(channel, "tcp_info", lambda sock: info)
+    link.abort("cut", reset=True)
+    assert [link.pending[f].not_sent for f in (2, 3, 6)] == unsent
     assert "cut" in link.pending[2].error
+
+
+async def test_a_frame_that_cannot_be_encoded_takes_no_id(nursery: trio.Nursery) -> None:
+    """A reset and a goaway count on the n-th frame queued having id n."""
+    link = _link(offset=0)
+    with pytest.raises(TypeError):
+        await link.call("GET", "/x", {"x-bad": b"not text"}, b"")  # type: ignore[dict-item]
+    nursery.start_soon(link.call, "GET", "/x", {}, b"")
+    await trio.testing.wait_all_tasks_blocked()
+    assert list(link.pending) == [1]
 
 
 async def test_a_caller_that_gives_up_leaves_the_connection_to_the_others(

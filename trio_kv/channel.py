@@ -28,7 +28,6 @@ called over HTTP instead, so clusters can upgrade one node at a time.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import socket
 import struct
@@ -66,6 +65,8 @@ log = logging.getLogger("trio_kv.channel")
 MAX_ANSWER_HEAD = 4096
 MARKS = 1024  # recent messages whose start a link remembers (older calls: maybe sent)
 HTTP_ONLY_FOR = 60.0  # seconds a peer without the channel is called over HTTP before we re-ask
+
+
 class _NotSent(Exception):
     """The connection closed before our frame was written: safe to send it elsewhere."""
 
@@ -104,7 +105,7 @@ class _Link:
         self.closed = False
         self.going_away = False  # the peer is stopping: it reads no more frames
         self.used_at = trio.current_time()
-        self._ids = itertools.count(1)  # the n-th frame on the connection has id n
+        self._next_id = 1  # the n-th frame on the connection has id n
         self.outbox = Outbox(self.send, try_send=try_send(stream), linger=linger,
                              starting=self._starting)
 
@@ -138,12 +139,15 @@ class _Link:
     ) -> PeerResponse:
         if self.closed or self.going_away:
             raise _NotSent
-        fid = next(self._ids)
+        # The n-th frame queued has id n (a goaway and a reset count on it): an id is taken
+        # only once its frame is made.
+        frame = encode_request(self._next_id, method, path, headers, body)
+        fid, self._next_id = self._next_id, self._next_id + 1
         pending = self.pending[fid] = _Pending()
         self.busy.set()
         self.used_at = trio.current_time()
         try:
-            self.outbox.put(encode_request(fid, method, path, headers, body))
+            self.outbox.put(frame)
             await pending.done.wait()
         finally:
             self.pending.pop(fid, None)
@@ -198,28 +202,31 @@ class _Link:
             log.exception("channel to %s: writer failed", self.address)
             self.abort("writer failed")
 
-    def abort(self, why: str, reset: bool = False, left: int | None = None) -> None:
-        """Close the connection now; every call waiting on it fails (maybe applied).  With
+    def abort(self, why: str, reset: bool = False) -> None:
+        """Close the connection now; every call waiting on it fails: as not sent if its
+        frame was never handed to the socket (it never will be), else maybe applied.  With
         ``reset`` (the network drops what we send) the kernel discards what it still holds
-        to send and answers with a reset, rather than keep resending it for minutes and
-        deliver it after a heal; then, given ``left`` (at most that many bytes of the stream
-        ever left this host), the calls whose frames never left fail as not sent, so a
-        forwarded write can go to another replica."""
+        and answers with a reset, rather than resend it for minutes and deliver it after a
+        heal; then a call whose frame the kernel never sent fails as not sent too, so a
+        forwarded write can go to another replica.  A frame sent into a network that drops
+        it stays maybe applied."""
         self.outbox.close()
-        discarded = False  # the kernel dropped what it held unsent: it will never leave
+        left: int | None = None  # at most this much of the stream ever left this host
         if not self.closed:
             self.closed = True
-            log.debug("channel to %s closed: %s", self.address, why)
+            sock = self.stream.socket
             if reset:
+                info = tcp_info(sock)  # read last: nothing can go out after the close below
                 with contextlib.suppress(OSError):
-                    self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                                  struct.pack("ii", 1, 0))
-                    discarded = left is not None
-            self.stream.socket.close()  # wakes the reader
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    if tcp_stall(info) is not None:  # still nothing acknowledged: none sent
+                        left = self.offset - tcp_unsent(info)
+            sock.close()  # wakes the reader
             self.busy.set()  # and the stall watcher
+            log.debug("channel to %s closed: %s", self.address, why)
         for fid, pending in self.pending.items():
             if not pending.done.is_set():
-                unsent = discarded and left is not None and self.never_left(fid, left)
+                unsent = fid > self.handed or (left is not None and self.never_left(fid, left))
                 pending.fail(f"channel closed: {why}", not_sent=unsent)
 
     def idle_for(self, now: float) -> float:
@@ -426,8 +433,7 @@ class ChannelClient(PeerCaller):
                 since = now if since is None else since
                 if min(now - since, quiet) >= max(self._stall_timeout, 3 * rto):
                     link.abort(f"no acknowledgement for {quiet:.1f}s while resending: the "
-                               "network is dropping what we send", reset=True,
-                               left=link.offset - tcp_unsent(info))
+                               "network is dropping what we send", reset=True)
         except Exception:
             log.exception("channel to %s: stall watcher failed", link.address)
 
