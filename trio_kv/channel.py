@@ -9,17 +9,17 @@ view keeps one address per node.
 
 Bounds: every call sits in a cancel scope of its timeout, connecting and the handshake in
 ``connect_timeout``, calls in flight in a capacity limiter, answers in ``max_answer_bytes``.
-A call whose frame provably never left (connect or handshake failed, or the connection closed
-before our frame was written) is ``not_sent``; otherwise it may have been applied.  A call that
-timed out on a connection that has received nothing since the call was sent takes the
-connection down with it (a partition): the next call reconnects.  Sooner than that, a watcher
-takes down a connection with calls in flight once its kernel has been resending for
-``stall_timeout`` (and three base retransmission timeouts) with no acknowledgement at all
-(Linux's ``TCP_INFO``): the network is dropping what we send, as even a busy peer's kernel
-acknowledges what arrives.  The kernel is told to drop what it still holds (a reset), so
-nothing stale arrives after a heal.  Without it a partition held
-calls for their whole timeout, and after a heal the bytes waited for TCP's next backed-off
-resend, seconds later.
+A call whose frame provably never left (connect or handshake failed, the connection closed
+before our frame was handed to the socket, or a reset found the kernel never sent it) is
+``not_sent``; otherwise it may have been applied.  A call that timed out on a connection that
+has received nothing since the call was sent takes the connection down with it (a partition):
+the next call reconnects.  Sooner than that, a watcher resets a connection with calls in
+flight once its kernel has been resending for ``stall_timeout`` (and three base
+retransmission timeouts) with no acknowledgement at all (Linux's ``TCP_INFO``, ``tcpinfo.py``):
+the network is dropping what we send, as even a busy peer's kernel acknowledges what arrives.
+The reset makes the kernel drop what it still holds, so nothing stale arrives after a heal.
+Without the watcher a partition held calls for their whole timeout, and after a heal the
+bytes waited for TCP's next backed-off resend, seconds later.
 
 A peer that does not serve the channel (it answers the preface with HTTP: an older version) is
 called over HTTP instead, so clusters can upgrade one node at a time.
